@@ -1,0 +1,117 @@
+"""HipMRI 2D slices: NIfTI files -> one in-memory tensor per split -> torch Dataset and loaders.
+
+A data folder holds `keras_slices_train`, `keras_slices_validate` and `keras_slices_test` (label
+folders `keras_slices_seg_*` beside them are ignored). Each split is used as given: patients never
+move between splits. Without a data folder the synthetic phantom (phantom.py) is used.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import phantom
+from utils import ProjectError
+
+SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "test": "keras_slices_test"}
+PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"
+
+
+def resolve_data_dir(data_dir):
+    """`data_dir` checked for the three split folders; None -> the phantom, generated on first use."""
+    if data_dir is None:
+        print(f"data: using the synthetic pelvic MR phantom in {PHANTOM_DIR} "
+              f"(pass --data_dir /path/to/keras_slices_data for the real HipMRI slices)")
+        return phantom.generate(PHANTOM_DIR)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ProjectError(f"--data_dir {data_dir} does not exist; point it at the folder that holds "
+                           f"{', '.join(SPLITS.values())}")
+    missing = [d for d in SPLITS.values() if not (data_dir / d).is_dir()]
+    if missing:
+        found = sorted(p.name for p in data_dir.iterdir())[:8]
+        raise ProjectError(f"--data_dir {data_dir} lacks {', '.join(missing)} (found: "
+                           f"{', '.join(found) or 'nothing'}); it must hold {', '.join(SPLITS.values())}")
+    return data_dir
+
+
+def load_slice(path):
+    """One 2D slice from a .nii/.nii.gz file -> float32 (H, W). Raises ProjectError on bad input."""
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as e:  # nibabel and gzip raise many types for foreign or truncated files
+        raise ProjectError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e}); "
+                           f"remove or replace the file") from None
+    if data.ndim == 3 and 1 in data.shape:
+        data = data.squeeze(axis=data.shape.index(1))
+    if data.ndim != 2:
+        raise ProjectError(f"{path} has shape {data.shape}, not a 2D slice; cut volumes into one 2D "
+                           f"slice per file (e.g. nibabel: vol.dataobj[:, :, k] for each k)")
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise ProjectError(f"{path} contains NaN or Inf values; fix or remove the file")
+    return data
+
+
+def scale_unit(a):
+    """Min-max scale to [0, 1]; a constant slice maps to zeros (no division by zero)."""
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+@dataclass
+class SliceSet:
+    """A decoded split: images (N, 1, H, W) float16 in [0, 1], and per slice its file, original
+    shape and intensity range (to map reconstructions back onto the source grid)."""
+    images: torch.Tensor
+    files: list
+    shapes: list
+    ranges: list
+
+
+def load_split(data_dir, split, image_size):
+    """Decode every slice of one split once, scale to [0, 1] and resize to `image_size` (H, W)."""
+    folder = Path(data_dir) / SPLITS[split]
+    files = sorted((p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    if not files:
+        raise ProjectError(f"split folder {folder} holds no .nii or .nii.gz files")
+    H, W = image_size
+    images = torch.empty(len(files), 1, H, W, dtype=torch.float16)
+    shapes, ranges = [], []
+    for i, f in enumerate(files):
+        a = load_slice(f)
+        shapes.append(list(a.shape))
+        ranges.append([float(a.min()), float(a.max())])
+        x = torch.from_numpy(scale_unit(a))[None, None]  # (1, 1, h, w)
+        if x.shape[-2:] != (H, W):
+            x = F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+        images[i] = x[0].clamp(0, 1)
+    resized = sum(s != [H, W] for s in shapes)
+    if resized:
+        sizes = sorted({f"{h}x{w}" for h, w in shapes})
+        print(f"data: {split}: {len(files)} slices of sizes {', '.join(sizes)}; {resized} resized to {H}x{W}")
+    return SliceSet(images, files, shapes, ranges)
+
+
+class SliceDataset(Dataset):
+    """Items are slices (1, H, W) float32 in [-1, 1], the model's range."""
+
+    def __init__(self, slices: SliceSet):
+        self.images = slices.images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].float() * 2 - 1
+
+
+def make_loader(slices, batch_size, shuffle=False, seed=0):
+    """Loader over an in-memory split; shuffling uses its own seeded generator."""
+    g = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(SliceDataset(slices), batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -1,0 +1,207 @@
+"""VQ-VAE modules: Encoder, VectorQuantizer, Decoder and the VQVAE that joins them.
+
+Follows van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
+Pure tensor code: no argparse, no file I/O.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQVAEConfig:
+    """Model hyperparameters; saved in checkpoints as the plain dict `model_args`."""
+    in_channels: int = 1
+    num_hiddens: int = 128
+    num_residual_layers: int = 2
+    num_residual_hiddens: int = 32
+    num_downsampling_layers: int = 3
+    embedding_dim: int = 128
+    num_embeddings: int = 512
+    commitment_cost: float = 0.25
+    ema: bool = False
+    decay: float = 0.99
+    epsilon: float = 1e-5
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class ResidualStack(nn.Module):
+    """`num_residual_layers` blocks of ReLU-3x3conv-ReLU-1x1conv with identity skips, then ReLU."""
+
+    def __init__(self, num_hiddens, num_residual_layers, num_residual_hiddens):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(num_hiddens, num_residual_hiddens, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(num_residual_hiddens, num_hiddens, 1),
+            )
+            for _ in range(num_residual_layers)
+        ])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return F.relu(x)
+
+
+class Encoder(nn.Module):
+    """x: (B, C, H, W) -> (B, num_hiddens, H / 2**L, W / 2**L) with L stride-2 4x4 convs."""
+
+    def __init__(self, in_channels, num_hiddens, num_downsampling_layers, num_residual_layers,
+                 num_residual_hiddens):
+        super().__init__()
+        layers = []
+        for i in range(num_downsampling_layers):
+            c_in = in_channels if i == 0 else num_hiddens // 2
+            c_out = num_hiddens if i == num_downsampling_layers - 1 else num_hiddens // 2
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(num_hiddens, num_hiddens, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.residual_stack = ResidualStack(num_hiddens, num_residual_layers, num_residual_hiddens)
+
+    def forward(self, x):
+        return self.residual_stack(self.net(x))  # (B, num_hiddens, h, w)
+
+
+class Decoder(nn.Module):
+    """z: (B, embedding_dim, h, w) -> (B, C, h * 2**L, w * 2**L), mirroring the Encoder."""
+
+    def __init__(self, embedding_dim, num_hiddens, num_upsampling_layers, num_residual_layers,
+                 num_residual_hiddens, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(embedding_dim, num_hiddens, 3, padding=1)
+        self.residual_stack = ResidualStack(num_hiddens, num_residual_layers, num_residual_hiddens)
+        layers = []
+        for i in range(num_upsampling_layers):
+            last = i == num_upsampling_layers - 1
+            c_in = num_hiddens if i == 0 else num_hiddens // 2
+            c_out = out_channels if last else num_hiddens // 2
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.residual_stack(self.conv(z)))  # (B, C, H, W)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup with the straight-through estimator (paper, section 3.1).
+
+    With `ema=True` the codebook is not trained by gradients but by exponential moving averages of
+    the encoder outputs assigned to each code (paper, appendix A.1), updated in train mode only.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, ema=False, decay=0.99,
+                 epsilon=1e-5):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = commitment_cost
+        self.ema = ema
+        self.decay = decay
+        self.epsilon = epsilon
+        self.codebook = nn.Embedding(num_embeddings, embedding_dim)
+        self.codebook.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
+        if ema:
+            self.codebook.weight.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
+            self.register_buffer("ema_embed_sum", self.codebook.weight.data.clone())
+
+    def nearest(self, z_flat):
+        """z_flat: (N, D) -> indices (N,) of the nearest code by squared L2 distance."""
+        # Distances in fp32 even under autocast: argmin over near-ties is precision-sensitive.
+        z_flat = z_flat.float()
+        e = self.codebook.weight.float()
+        dist = z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ e.t() + e.pow(2).sum(1)  # (N, K)
+        return dist.argmin(1)
+
+    def embed(self, indices):
+        """indices: (B, h, w) long -> z_q: (B, D, h, w)."""
+        return self.codebook(indices).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z_e):
+        """z_e: (B, D, h, w) -> dict with z_q (B, D, h, w, straight-through), indices (B, h, w),
+        codebook_loss, commitment_loss and vq_loss (scalars)."""
+        B, D, h, w = z_e.shape
+        z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+        indices = self.nearest(z_flat)  # (B*h*w,)
+        if self.ema and self.training:
+            self._ema_update(z_flat.detach().float(), indices)
+        z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w)
+
+        # Paper eq. 3: L = log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2.
+        # Codebook term moves the codes towards the encoder outputs; the EMA update replaces it.
+        if self.ema:
+            codebook_loss = z_e.new_zeros(())
+        else:
+            codebook_loss = F.mse_loss(z_q, z_e.detach())
+        # Commitment term keeps the encoder outputs close to their codes; beta weights it alone.
+        commitment_loss = F.mse_loss(z_e, z_q.detach())
+        vq_loss = codebook_loss + self.commitment_cost * commitment_loss
+        # Straight-through estimator: forward uses z_q, backward copies the gradient to z_e.
+        z_q = z_e + (z_q - z_e).detach()
+        return {"z_q": z_q, "indices": indices.view(B, h, w), "codebook_loss": codebook_loss,
+                "commitment_loss": commitment_loss, "vq_loss": vq_loss}
+
+    @torch.no_grad()
+    def _ema_update(self, z_flat, indices):
+        """Appendix A.1: N_i <- decay N_i + (1-decay) n_i, m_i <- decay m_i + (1-decay) sum z,
+        e_i = m_i / N_i, with Laplace smoothing of N_i so unused codes never divide by zero."""
+        counts = torch.bincount(indices, minlength=self.num_embeddings).float()  # (K,)
+        embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_flat)  # (K, D)
+        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_embed_sum.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
+        n = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
+        self.codebook.weight.data.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+
+
+class VQVAE(nn.Module):
+    """Encoder -> 1x1 pre-quantization conv -> VectorQuantizer -> Decoder."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.in_channels, cfg.num_hiddens, cfg.num_downsampling_layers,
+                               cfg.num_residual_layers, cfg.num_residual_hiddens)
+        self.pre_vq_conv = nn.Conv2d(cfg.num_hiddens, cfg.embedding_dim, 1)
+        self.vq = VectorQuantizer(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost,
+                                  cfg.ema, cfg.decay, cfg.epsilon)
+        self.decoder = Decoder(cfg.embedding_dim, cfg.num_hiddens, cfg.num_downsampling_layers,
+                               cfg.num_residual_layers, cfg.num_residual_hiddens, cfg.in_channels)
+
+    def latent_shape(self, image_size):
+        """(H, W) -> (h, w) of the code map; the image must divide by 2**num_downsampling_layers."""
+        f = 2 ** self.cfg.num_downsampling_layers
+        H, W = image_size
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} must be divisible by {f} "
+                             f"(2**num_downsampling_layers)")
+        return H // f, W // f
+
+    def forward(self, x):
+        """x: (B, C, H, W) in [-1, 1] -> dict with x_recon (B, C, H, W), indices (B, h, w) and the
+        VQ loss terms of VectorQuantizer.forward."""
+        z_e = self.pre_vq_conv(self.encoder(x))  # (B, D, h, w)
+        out = self.vq(z_e)
+        out["x_recon"] = self.decoder(out.pop("z_q"))  # (B, C, H, W)
+        return out
+
+    @torch.no_grad()
+    def encode(self, x):
+        """x: (B, C, H, W) in [-1, 1] -> indices (B, h, w) into the codebook."""
+        z_e = self.pre_vq_conv(self.encoder(x))  # (B, D, h, w)
+        B, D, h, w = z_e.shape
+        return self.vq.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
+
+    @torch.no_grad()
+    def decode_indices(self, indices):
+        """indices: (B, h, w) long -> x_recon (B, C, H, W), roughly in [-1, 1]."""
+        return self.decoder(self.vq.embed(indices))

@@ -1,0 +1,192 @@
+"""Synthetic pelvic T2 MR phantom: the embedded default data set, so `python train.py` runs on a
+fresh clone with no data of its own.
+
+Each phantom "patient" is an analytic 3D pelvis (body and subcutaneous fat, thighs, iliac bones,
+femoral heads and necks, bladder, prostate, rectum, sacrum) cut into coronal slices at several
+anterior-posterior positions, with a smooth bias field and Rician noise. Slices are written one per
+`.nii.gz` file in the HipMRI 2D release's layout (`keras_slices_train|validate|test`, files named
+`case_004_week_0_slice_17.nii.gz`), so the real loader reads them. Patients never cross splits.
+
+Usage: python phantom.py [--out_dir data/hipmri_phantom]   (train.py and predict.py call it)
+"""
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+SPLIT_DIRS = ("keras_slices_train", "keras_slices_validate", "keras_slices_test")
+# Phantom patients per split and slices per patient: 320 / 60 / 60 slices, sized so the default
+# 20-epoch run of the seed model takes minutes on a 2-core CPU.
+PATIENTS = {"keras_slices_train": 16, "keras_slices_validate": 3, "keras_slices_test": 3}
+SLICES_PER_PATIENT = 20
+WIDE_CASES = {5, 20}  # cases stored 256x144 (a wider superior-inferior field), as a few real ones are
+PIXDIM = (1.68, 1.56)  # mm, as in the HipMRI volumes
+VERSION = 1  # bump when the phantom's appearance changes, so stale copies are regenerated
+
+
+def _ellipse(u, v, cu, cv, ru, rv):
+    """Normalised squared radius of (u, v) in an axis-aligned ellipse: < 1 inside."""
+    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2
+
+
+def _segment_dist(u, v, p, q):
+    """Distance from each (u, v) to the segment p-q."""
+    d = np.subtract(q, p)
+    t = np.clip(((u - p[0]) * d[0] + (v - p[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(u - p[0] - t * d[0], v - p[1] - t * d[1])
+
+
+def _section(t, tc, rt):
+    """Scale of an ellipsoid's cross-section at depth t (0 where the slice misses it)."""
+    return np.sqrt(np.clip(1 - ((t - tc) / rt) ** 2, 0, None))
+
+
+def _smooth_noise(rng, shape, sigma):
+    """Unit-variance Gaussian random field smoothed at `sigma` pixels."""
+    f = gaussian_filter(rng.normal(size=shape), sigma)
+    return f / f.std()
+
+
+def _patient(rng):
+    """Random anatomy of one phantom patient (lengths in units of 128 pixels)."""
+    return dict(
+        body_w=rng.uniform(0.66, 0.80), body_u=rng.normal(0, 0.02), fat=rng.uniform(0.05, 0.12),
+        thigh_split=rng.uniform(-0.42, -0.30), bone_u=rng.uniform(0.38, 0.46),
+        head_v=rng.uniform(-0.20, -0.10), head_r=rng.uniform(0.085, 0.11),
+        bladder=(rng.uniform(0.10, 0.22), rng.uniform(0.08, 0.17), rng.uniform(-0.5, -0.2)),
+        prostate=(rng.uniform(0.07, 0.11), rng.uniform(0.05, 0.08), rng.uniform(0.0, 0.2)),
+        rectum_gas=rng.uniform() < 0.5, muscle=rng.uniform(0.28, 0.38), fat_level=rng.uniform(0.8, 0.95),
+        noise=rng.uniform(0.015, 0.035), bias=rng.normal(0, 0.25, size=4), scale=rng.uniform(250, 400),
+        tilt=rng.normal(0, 0.04),
+    )
+
+
+def render_slice(p, t, shape, rng):
+    """One coronal slice at depth t in [-1, 1] (anterior to posterior) -> float array `shape` >= 0.
+
+    Rows run left-right, columns inferior to superior, as in slices cut from the HipMRI volumes.
+    """
+    H, W = shape
+    u, v = np.meshgrid((np.arange(H) - H / 2 + 0.5) / 128, (np.arange(W) - W / 2 + 0.5) / 128,
+                       indexing="ij")
+    v = v + p["tilt"] * u  # a slightly oblique slice plane
+    img = np.zeros(shape)
+
+    # Body: hips widest at the femoral heads, narrowing towards the waist; the thighs part below
+    # the crotch. Subcutaneous fat is a bright ring under the skin.
+    w = p["body_w"] * _section(t, 0.0, 1.1) * (1 - 0.25 * np.clip(v - p["head_v"], 0, None) ** 2)
+    rho = np.abs(u - p["body_u"]) / np.maximum(w, 1e-3)
+    crotch = _ellipse(u, v, p["body_u"], p["thigh_split"] - 0.3, 0.05 + 0.1 * abs(t), 0.3) < 1
+    body = (rho < 1) & ~crotch
+    fat = body & ((rho > 1 - p["fat"] / np.maximum(w, 1e-3)) |
+                  (_ellipse(u, v, p["body_u"], p["thigh_split"] - 0.3, 0.08 + 0.1 * abs(t), 0.36) < 1))
+    texture = 1 + 0.15 * _smooth_noise(rng, shape, 2)
+    img[body] = p["muscle"] * texture[body]
+    # Intermuscular fat planes: the zero crossings of a smooth random field give thin curved lines.
+    planes = np.abs(_smooth_noise(rng, shape, 14)) < 0.05
+    img[body & planes] = p["fat_level"] * 0.8
+    img[fat] = p["fat_level"]
+    # Pelvic fat around the organs, walled in by the obturator muscles.
+    if abs(t) < 0.75:
+        k = _section(t, 0.1, 0.8)
+        img[_ellipse(u, v, p["body_u"], -0.02, (p["bone_u"] - 0.05) * k + 1e-3, 0.26) < 1] = p["muscle"] * 0.75
+        img[_ellipse(u, v, p["body_u"], -0.02, (p["bone_u"] - 0.13) * k + 1e-3, 0.23) < 1] = p["fat_level"] * 0.7
+
+    # Pelvic bones, visible in the middle third: iliac wing from acetabulum up and out, femoral head
+    # and neck; dark cortex around fatty (brighter) marrow.
+    if abs(t) < 0.55:
+        k = _section(t, 0.0, 0.6)
+        for s in (-1, 1):
+            cu = p["body_u"] + s * p["bone_u"]
+            ilium = _segment_dist(u, v, (cu, p["head_v"] + 0.08), (cu + s * 0.2, 0.6))
+            neck = _segment_dist(u, v, (cu, p["head_v"]), (cu + s * 0.16, p["head_v"] - 0.3))
+            head = np.sqrt(_ellipse(u, v, cu, p["head_v"], p["head_r"] * k + 1e-3, p["head_r"] * k + 1e-3))
+            for dist, r in ((ilium / 0.05, 1), (neck / 0.055, 1), (head, 1)):
+                r = r * k
+                img[dist < r] = 0.08  # cortex
+                img[dist < r * 0.75] = 0.55 * texture[dist < r * 0.75]  # marrow
+    # Sacrum, posterior slices only.
+    if t > 0.5:
+        sac = _ellipse(u, v, p["body_u"], 0.25, 0.1 * _section(t, 0.8, 0.35) + 1e-3, 0.25)
+        img[sac < 1] = 0.08
+        img[sac < 0.6] = 0.5
+
+    # Bladder: urine is the brightest tissue on T2; thin dark wall.
+    bu, bv, bt = p["bladder"]
+    k = _section(t, bt, 0.5)
+    if k > 0:
+        e = _ellipse(u, v, p["body_u"], 0.15, bu * k, bv * k)
+        img[e < 1.15] = 0.2
+        img[e < 1] = 1.0
+    # Prostate under the bladder: darker transition zone, brighter peripheral zone, urethra.
+    pu, pv, pt = p["prostate"]
+    k = _section(t, pt, 0.3)
+    if k > 0:
+        e = _ellipse(u, v, p["body_u"], -0.1, pu * k, pv * k)
+        img[e < 1] = 0.62
+        img[e < 0.55] = 0.4
+        img[_ellipse(u, v, p["body_u"], -0.1, 0.012, 0.012) < 1] = 0.15
+    # Rectum behind the prostate: dark wall, gas (black) or fluid (bright) lumen.
+    k = _section(t, 0.5, 0.3)
+    if k > 0:
+        e = _ellipse(u, v, p["body_u"], -0.12, 0.07 * k, 0.22)
+        img[e < 1] = 0.12
+        img[e < 0.5] = 0.02 if p["rectum_gas"] else 0.75
+
+    img = gaussian_filter(img, 0.7)  # partial-volume edges
+    b = p["bias"]
+    img *= np.exp(0.3 * (b[0] * u + b[1] * v + b[2] * u * v + b[3] * (u ** 2 + v ** 2)))  # coil bias field
+    # Rician noise: magnitude of the complex signal plus Gaussian noise in both channels.
+    s = p["noise"]
+    img = np.hypot(img + rng.normal(0, s, shape), rng.normal(0, s, shape))
+    return img * p["scale"]
+
+
+def _affine():
+    return np.diag([PIXDIM[0], PIXDIM[1], 1.0, 1.0])
+
+
+def generate(out_dir, seed=0):
+    """Write the phantom set under `out_dir` (idempotent: an existing complete set is kept).
+
+    Written to a temporary sibling folder, then renamed, so an interrupted run never leaves a
+    half-written set that looks complete. Returns `out_dir` as a Path.
+    """
+    out_dir = Path(out_dir)
+    marker = out_dir / f".complete_v{VERSION}"
+    if marker.exists():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    case = 0
+    for split in SPLIT_DIRS:
+        (tmp / split).mkdir(parents=True)
+        for _ in range(PATIENTS[split]):
+            case += 1
+            rng = np.random.default_rng([seed, case])
+            p = _patient(rng)
+            week = int(rng.integers(0, 8))
+            shape = (256, 144) if case in WIDE_CASES else (256, 128)
+            depths = np.linspace(-0.8, 0.8, SLICES_PER_PATIENT) + rng.normal(0, 0.02, SLICES_PER_PATIENT)
+            for i, t in enumerate(depths):
+                img = render_slice(p, t, shape, rng)
+                nii = nib.Nifti1Image(np.round(img).astype(np.int16), _affine())
+                nib.save(nii, tmp / split / f"case_{case:03d}_week_{week}_slice_{i}.nii.gz")
+    (tmp / marker.name).touch()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out_dir", default="data/hipmri_phantom")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(generate(args.out_dir, args.seed))
