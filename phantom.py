@@ -7,7 +7,8 @@ anterior-posterior positions, with a smooth bias field and Rician noise. Slices 
 `.nii.gz` file in the HipMRI 2D release's layout (`keras_slices_train|validate|test`, files named
 `case_004_week_0_slice_17.nii.gz`), so the real loader reads them. Patients never cross splits.
 
-Usage: python phantom.py [--out_dir data/hipmri_phantom]   (train.py and predict.py call it)
+Usage: python phantom.py [--out_dir data/hipmri_phantom] [--preview grid.png]
+(train.py and predict.py call generate() themselves; running this file is optional)
 """
 import argparse
 import os
@@ -150,9 +151,10 @@ def _affine():
     return np.diag([PIXDIM[0], PIXDIM[1], 1.0, 1.0])
 
 
-def generate(out_dir, seed=0):
+def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_PATIENT):
     """Write the phantom set under `out_dir` (idempotent: an existing complete set is kept).
 
+    `patients` maps each split folder to its number of phantom patients (tests make tiny sets).
     Written to a temporary sibling folder, then renamed, so an interrupted run never leaves a
     half-written set that looks complete. Returns `out_dir` as a Path.
     """
@@ -165,13 +167,13 @@ def generate(out_dir, seed=0):
     case = 0
     for split in SPLIT_DIRS:
         (tmp / split).mkdir(parents=True)
-        for _ in range(PATIENTS[split]):
+        for _ in range(patients[split]):
             case += 1
             rng = np.random.default_rng([seed, case])
             p = _patient(rng)
             week = int(rng.integers(0, 8))
             shape = (256, 144) if case in WIDE_CASES else (256, 128)
-            depths = np.linspace(-0.8, 0.8, SLICES_PER_PATIENT) + rng.normal(0, 0.02, SLICES_PER_PATIENT)
+            depths = np.linspace(-0.8, 0.8, slices_per_patient) + rng.normal(0, 0.02, slices_per_patient)
             for i, t in enumerate(depths):
                 img = render_slice(p, t, shape, rng)
                 nii = nib.Nifti1Image(np.round(img).astype(np.int16), _affine())
@@ -183,10 +185,34 @@ def generate(out_dir, seed=0):
     return out_dir
 
 
+def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):
+    """A grid of slices: one row per phantom patient, anterior to posterior."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(cases), positions, figsize=(1.3 * positions, 2.5 * len(cases)))
+    for r, case in enumerate(cases):
+        files = sorted(Path(data_dir).glob(f"*/case_{case:03d}_*.nii.gz"),
+                       key=lambda f: int(f.name.split("_slice_")[1].split(".")[0]))
+        for ax, f in zip(axes[r], files[:: max(1, len(files) // positions)]):
+            ax.imshow(np.asarray(nib.load(f).dataobj), cmap="gray")
+            ax.set_title(f.name.split("_week")[0] + "\n" + f.name.split("_week_")[1][2:-7], fontsize=7)
+            ax.axis("off")
+    fig.suptitle("synthetic pelvic T2 phantom: coronal slices, anterior (left) to posterior", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", default="data/hipmri_phantom")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preview", default=None, help="also save a PNG grid of slices here")
     args = parser.parse_args()
-    print(generate(args.out_dir, args.seed))
+    out = generate(args.out_dir, args.seed)
+    print(f"phantom in {out}")
+    if args.preview:
+        save_preview(out, args.preview)

@@ -112,12 +112,12 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Reconstruct a split with a trained VQ-VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="default: the newest runs/NNN/best.pt")
-    p.add_argument("--data_dir", default=None, help="default: the data the checkpoint was trained on")
-    p.add_argument("--out_dir", default=None, help="default: RUN_DIR/predict")
+    p.add_argument("--checkpoint", default=None, help="None: the newest runs/NNN/best.pt")
+    p.add_argument("--data_dir", default=None, help="None: the data the checkpoint was trained on")
+    p.add_argument("--out_dir", default=None, help="None: RUN_DIR/predict")
     p.add_argument("--split", default="test", choices=["train", "validate", "test"])
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cuda, mps or cpu; default: the best available")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     return p
 
 

@@ -3,7 +3,7 @@
 Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--ema] ...
 
 Writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt, metrics.csv,
-best.pt (lowest validation loss), last.pt, epoch_NNN_comparison.png, loss_per_batch.png and
+best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png, loss_per_batch.png and
 ssim_per_epoch.png.
 """
 import argparse
@@ -21,7 +21,7 @@ from utils import (ProjectError, codebook_stats, evaluate, new_run_dir, pick_dev
                    save_comparison, save_curves, seed_everything, ssim, to_unit, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
-           "val_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage", "perplexity", "seconds"]
+           "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage", "perplexity", "seconds"]
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure
 
 
@@ -102,12 +102,12 @@ def main(args):
 
         val = evaluate(model, val_loader, device)
         usage, perplexity = codebook_stats(val["counts"])
-        row = [epoch, *tr[:4], val["loss"], tr[4], val["ssim"].mean().item(), val["psnr"].mean().item(),
+        row = [epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(), val["psnr"].mean().item(),
                usage, perplexity, time.time() - t0]
         with open(out_dir / "metrics.csv", "a", newline="") as f:
             csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
         history["train SSIM"].append(tr[4])
-        history["validation SSIM"].append(row[7])
+        history["validation SSIM"].append(row[8])
 
         model.eval()
         with torch.no_grad():
@@ -119,15 +119,18 @@ def main(args):
                         cfg.num_embeddings, [f"SSIM {s:.3f}" for s in fixed_ssim])
 
         # ---- save
+        # Best by validation reconstruction MSE: it measures the images the decoder makes from the
+        # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
+        improved = val["recon_loss"] < best_val
+        best_val = min(best_val, val["recon_loss"])
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "best_val": min(best_val, val["loss"]), "model_args": cfg.to_dict(), "config": config}
+                "best_val": best_val, "model_args": cfg.to_dict(), "config": config}
         save_checkpoint(out_dir / "last.pt", ckpt)
-        improved = val["loss"] < best_val
         if improved:
-            best_val = val["loss"]
             save_checkpoint(out_dir / "best.pt", ckpt)
         log(f"epoch {epoch:3d} | loss {tr[0]:.4f} (recon {tr[1]:.4f} codebook {tr[2]:.4f} "
-            f"commit {tr[3]:.4f}) | val loss {val['loss']:.4f} SSIM {row[7]:.4f} PSNR {row[8]:.2f} | "
+            f"commit {tr[3]:.4f}) | val loss {val['loss']:.4f} recon {val['recon_loss']:.4f} "
+            f"SSIM {row[8]:.4f} PSNR {row[9]:.2f} | "
             f"codes used {usage:.1%} perplexity {perplexity:.1f} | {row[-1]:.0f}s"
             + (" | best" if improved else ""))
 
@@ -135,7 +138,7 @@ def main(args):
                 "training loss (MSE + VQ terms) per batch")
     save_curves(out_dir / "ssim_per_epoch.png", history, "epoch", "SSIM (Gaussian, data range 1)",
                 "SSIM per epoch")
-    log(f"done: best validation loss {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
+    log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     log_file.close()
 
 
@@ -144,25 +147,30 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = VQVAEConfig()
     p.add_argument("--data_dir", default=None,
-                   help="folder with keras_slices_train/validate/test; default: the built-in phantom")
-    p.add_argument("--out_dir", default=None, help="run folder; default: the next runs/NNN")
-    p.add_argument("--image_size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--num_hiddens", type=int, default=d.num_hiddens)
-    p.add_argument("--num_residual_layers", type=int, default=d.num_residual_layers)
-    p.add_argument("--num_residual_hiddens", type=int, default=d.num_residual_hiddens)
-    p.add_argument("--num_downsampling_layers", type=int, default=d.num_downsampling_layers)
-    p.add_argument("--embedding_dim", type=int, default=d.embedding_dim)
-    p.add_argument("--num_embeddings", type=int, default=d.num_embeddings)
+                   help="folder with keras_slices_train/validate/test; None: the built-in phantom")
+    p.add_argument("--out_dir", default=None, help="run folder; None: the next runs/NNN")
+    p.add_argument("--image_size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"),
+                   help="slices are resized to H x W; 256 256 reproduces the seed's stretched grid")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training split")
+    p.add_argument("--batch_size", type=int, default=32, help="slices per Adam step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--num_hiddens", type=int, default=d.num_hiddens,
+                   help="channels of the encoder and decoder")
+    p.add_argument("--num_residual_layers", type=int, default=d.num_residual_layers,
+                   help="residual blocks in the encoder and in the decoder")
+    p.add_argument("--num_residual_hiddens", type=int, default=d.num_residual_hiddens,
+                   help="channels inside a residual block")
+    p.add_argument("--num_downsampling_layers", type=int, default=d.num_downsampling_layers,
+                   help="stride-2 convs; the code map is the image size / 2**this")
+    p.add_argument("--embedding_dim", type=int, default=d.embedding_dim, help="length of a code vector")
+    p.add_argument("--num_embeddings", type=int, default=d.num_embeddings, help="codebook size K")
     p.add_argument("--commitment_cost", type=float, default=d.commitment_cost,
                    help="beta, weighting the commitment term only")
     p.add_argument("--ema", action="store_true", help="EMA codebook updates instead of the codebook loss")
     p.add_argument("--decay", type=float, default=d.decay, help="EMA decay (with --ema)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="EMA Laplace smoothing (with --ema)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, mps or cpu; default: the best available")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     return p
 
 

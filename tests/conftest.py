@@ -1,0 +1,22 @@
+"""Shared fixtures: a tiny phantom data set and the flags of a tiny model."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import phantom  # noqa: E402
+
+# A model small enough to train in seconds on 32x16 images (2 downsamplings -> 8x4 code map).
+TINY_MODEL = ["--image_size", "32", "16", "--num_hiddens", "16", "--num_residual_hiddens", "8",
+              "--num_downsampling_layers", "2", "--embedding_dim", "8", "--num_embeddings", "32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Phantom in the release layout: 2 train patients, 1 validation, 1 test, 4 slices each."""
+    out = tmp_path_factory.mktemp("data") / "phantom"
+    patients = {"keras_slices_train": 2, "keras_slices_validate": 1, "keras_slices_test": 1}
+    return phantom.generate(out, patients=patients, slices_per_patient=4)

@@ -1,0 +1,115 @@
+"""train.py and predict.py end to end through their command lines, as a user runs them."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_clean_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A 2-epoch tiny run in runs/001 of a fresh working folder, as `python train.py` makes it."""
+    cwd = tmp_path_factory.mktemp("work")
+    proc = run("train.py", "--data_dir", tiny_data, "--epochs", "2", "--batch_size", "4", *TINY_MODEL, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd, cwd / "runs" / "001", proc
+
+
+def test_train_writes_every_file(trained):
+    cwd, run_dir, proc = trained
+    for name in ["config.json", "log.txt", "metrics.csv", "best.pt", "last.pt", "loss_per_batch.png",
+                 "ssim_per_epoch.png", "epoch_001_comparison.png", "epoch_002_comparison.png"]:
+        assert (run_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for r in rows:
+        assert 0 < float(r["codebook_usage"]) <= 1 and float(r["perplexity"]) >= 1
+        assert -1 <= float(r["val_ssim"]) <= 1 and float(r["val_loss"]) > 0
+    assert len([l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("epoch")]) == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["image_size"] == [32, 16] and config["epochs"] == 2
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained):
+    from modules import VQVAE, VQVAEConfig
+    _, run_dir, _ = trained
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "epoch", "best_val", "model_args", "config"}
+    model = VQVAE(VQVAEConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    assert model.cfg.num_embeddings == 32 and model.cfg.num_downsampling_layers == 2
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and ckpt["best_val"] == min(ckpt["best_val"], last["best_val"])
+
+
+def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
+    cwd, run_dir, _ = trained
+    proc = run("predict.py", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    out = run_dir / "predict"
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ["n", "ssim_mean", "ssim_std", "ssim_min", "ssim_max", "psnr_mean", "codebook_usage"]:
+        assert k in m
+    sources = sorted((Path(tiny_data) / "keras_slices_test").glob("*.nii.gz"))
+    assert m["n"] == len(sources) == 4 and m["checkpoint"].endswith("runs/001/best.pt")
+    assert m["ssim_min"] <= m["ssim_mean"] <= m["ssim_max"]
+    assert f"test SSIM {m['ssim_mean']:.4f} +- {m['ssim_std']:.4f} (n=4), PSNR" in proc.stdout
+    rows = list(csv.DictReader(open(out / "per_slice.csv")))
+    assert sorted(r["file"] for r in rows) == sorted(s.name for s in sources)
+    assert np.mean([float(r["ssim"]) for r in rows]) == pytest.approx(m["ssim_mean"], abs=1e-5)
+    assert (out / "best_worst.png").is_file()
+    for s in sources:
+        rec = nib.load(out / "recon" / s.name.replace(".nii.gz", "_recon.nii.gz"))
+        src = nib.load(s)
+        assert rec.shape == src.shape and np.allclose(rec.affine, src.affine)
+        assert np.isfinite(rec.get_fdata()).all()
+
+
+def test_bad_inputs_get_one_clear_line(trained, tmp_path):
+    cwd, run_dir, _ = trained
+    assert_clean_error(run("train.py", "--data_dir", tmp_path / "missing", cwd=tmp_path), "missing", "does not exist")
+    assert_clean_error(run("train.py", "--data_dir", tmp_path, cwd=tmp_path), "lacks keras_slices_train")
+    # A run folder is never overwritten.
+    before = (run_dir / "best.pt").read_bytes()
+    assert_clean_error(run("train.py", "--out_dir", run_dir, cwd=cwd), "already holds files")
+    assert (run_dir / "best.pt").read_bytes() == before
+    # Checkpoints: missing, corrupt, and not ours.
+    assert_clean_error(run("predict.py", "--checkpoint", tmp_path / "none.pt", cwd=tmp_path), "does not exist")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(before[: len(before) // 3])
+    assert_clean_error(run("predict.py", "--checkpoint", bad, cwd=tmp_path), "bad.pt", "corrupt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    assert_clean_error(run("predict.py", "--checkpoint", foreign, cwd=tmp_path), "not a VQ-VAE checkpoint")
+    assert_clean_error(run("predict.py", cwd=tmp_path), "no checkpoint found")
+
+
+def test_scripts_show_defaults_in_help():
+    out = run("train.py", "--help", cwd=ROOT).stdout
+    for flag in ["--epochs", "--batch_size", "--lr", "--image_size", "--num_hiddens", "--num_residual_layers",
+                 "--num_residual_hiddens", "--num_downsampling_layers", "--embedding_dim", "--num_embeddings",
+                 "--commitment_cost", "--ema", "--decay", "--epsilon", "--seed", "--device", "--data_dir",
+                 "--out_dir"]:
+        assert flag in out
+    assert "default: 512" in out and "default: 0.001" in out
