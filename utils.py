@@ -69,7 +69,7 @@ def ssim(x, y):
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"ssim expects two (B, 1, H, W) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.float(), y.float()
-    g = _gaussian_window().to(x.device, torch.float32)
+    g = _gaussian_window().float().to(x.device)
     if min(x.shape[-2:]) < len(g):
         raise ValueError(f"ssim needs images of at least {len(g)}x{len(g)} pixels, got {tuple(x.shape[-2:])}")
 
@@ -201,6 +201,8 @@ def new_run_dir(out_dir=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProjectError(f"cannot create run folder {out_dir}: {e.strerror}; pick another --out_dir") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ProjectError(f"run folder {out_dir} is not writable; pick another --out_dir")
     return out_dir
 
 

@@ -115,3 +115,19 @@ def test_tiny_model_overfits_one_batch(ema, bound, tiny_data):
     model.eval()
     final = F.mse_loss(model(x)["x_recon"], x).item()
     assert final < bound * first, (first, final)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    from utils import load_checkpoint, save_checkpoint
+    model = tiny_model(ema=True).eval()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "best_val": 0.5,
+            "model_args": model.cfg.to_dict(), "config": {"image_size": [32, 16]}}
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    rebuilt = VQVAE(VQVAEConfig(**loaded["model_args"])).eval()
+    rebuilt.load_state_dict(loaded["model"])
+    x = torch.rand(2, 1, 32, 16) * 2 - 1
+    assert torch.equal(rebuilt(x)["x_recon"], model(x)["x_recon"])
+    assert torch.equal(rebuilt.vq.ema_cluster_size, model.vq.ema_cluster_size)
