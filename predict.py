@@ -33,8 +33,9 @@ def load_model(ckpt, path, device):
     model = VQVAE(cfg)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ProjectError(f"{path}: weights do not fit its model_args ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # names each tensor whose shape or presence differs
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})") from None
     return model.to(device).eval()
 
 

@@ -7,9 +7,9 @@ best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.pn
 ssim_per_epoch.png.
 """
 import argparse
-import csv
-import json
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from dataset import load_split, make_loader, resolve_data_dir
 from modules import VQVAE, VQVAEConfig
-from utils import (ProjectError, codebook_stats, evaluate, new_run_dir, pick_device, run_main, save_checkpoint,
-                   save_comparison, save_curves, seed_everything, ssim, to_unit, write_json)
+from utils import (ProjectError, codebook_stats, evaluate, load_checkpoint, new_run_dir, pick_device,
+                   run_main, save_checkpoint, save_comparison, save_curves, seed_everything, ssim,
+                   to_unit, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage", "perplexity", "seconds"]
@@ -34,29 +35,73 @@ def model_config(args):
                        epsilon=args.epsilon)
 
 
+def resume_args(args):
+    """--resume RUN_DIR or CHECKPOINT -> (checkpoint, args of the original run).
+
+    A resumed run is the same run: its flags come from the checkpoint. A flag given now that
+    differs from the run's (other than --epochs, to extend it, and --device) is refused by name.
+    """
+    path = Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(path)
+    old = ckpt["config"]
+    defaults = vars(get_parser().parse_args([]))
+    free = {"resume", "epochs", "device", "out_dir"}
+    norm = {"data_dir": lambda v: v and str(Path(v).resolve())}
+    asked = {k: v for k, v in vars(args).items() if k not in free and v != defaults[k]}
+    differ = {k: (old.get(k), v) for k, v in asked.items()
+              if norm.get(k, lambda x: x)(v) != norm.get(k, lambda x: x)(old.get(k))}
+    if differ:
+        was = ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
+        now = ", ".join(f"{k}={b}" for k, (_, b) in differ.items())
+        raise ProjectError(f"cannot resume {path}: the run was made with {was} but this command asks "
+                           f"{now}; drop those flags to resume it, or start a new run without --resume")
+    merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device, "out_dir": str(path.parent),
+                                   "epochs": args.epochs if args.epochs != defaults["epochs"] else old["epochs"]})
+    return ckpt, merged
+
+
+def rng_state():
+    """Generator states that decide what happens next: the global torch RNG (and CUDA's)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def main(args):
     # ---- setup
+    ckpt = None
+    if args.resume:
+        ckpt, args = resume_args(args)
     seed_everything(args.seed)
     device = pick_device(args.device)
-    out_dir = new_run_dir(args.out_dir)
-    log_file = open(out_dir / "log.txt", "a")
-
-    def log(msg):
-        tqdm.write(msg)
-        print(msg, file=log_file, flush=True)
-
     image_size = tuple(args.image_size)
 
-    # ---- data
+    # ---- data (read before the run folder is made, so bad data leaves no empty run behind)
     data_dir = resolve_data_dir(args.data_dir)
     train_set = load_split(data_dir, "train", image_size)
     val_set = load_split(data_dir, "validate", image_size)
     train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
     val_loader = make_loader(val_set, args.batch_size)
     fixed = val_set.images[:NUM_COMPARISON].float() * 2 - 1  # same slices every epoch
+
+    out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
+    log_file = open(out_dir / "log.txt", "a")
+
+    def log(msg):
+        tqdm.write(msg)
+        print(msg, file=log_file, flush=True)
+
     config = {**vars(args), "image_size": list(image_size),
               "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
-              "out_dir": str(out_dir), "device": str(device)}
+              "out_dir": str(out_dir), "device": str(device), "resume": None}
     write_json(out_dir / "config.json", config)
     log(f"run {out_dir}: {len(train_set.files)} train / {len(val_set.files)} validation slices "
         f"from {data_dir}, {image_size[0]}x{image_size[1]}, device {device}")
@@ -64,7 +109,10 @@ def main(args):
     # ---- model
     cfg = model_config(args)
     model = VQVAE(cfg).to(device)
-    h, w = model.latent_shape(image_size)
+    try:
+        h, w = model.latent_shape(image_size)
+    except ValueError as e:
+        raise ProjectError(f"--image_size: {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, code map {h}x{w} of {cfg.num_embeddings} codes")
 
@@ -72,21 +120,33 @@ def main(args):
     # With the EMA codebook the codes are buffers updated in forward, so Adam never sees them.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
+    # ---- resume: everything that decides the rest of the run, so it ends as an uninterrupted one
+    start_epoch, best_val, rows, batch_losses = 1, float("inf"), [], []
+    if ckpt:
+        model.load_state_dict(ckpt["model"])  # includes the EMA codebook buffers
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        train_loader.generator.set_state(ckpt["rng"]["loader"])  # the next epoch's data order
+        start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
+        rows, batch_losses = ckpt["history"]["rows"], ckpt["history"]["batch_losses"]
+        log(f"resumed {args.resume} after epoch {ckpt['epoch']} (best validation MSE {best_val:.4f})")
+
     # ---- loop
-    best_val = float("inf")
-    batch_losses, history = [], {"train SSIM": [], "validation SSIM": []}
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        csv.writer(f).writerow(METRICS)
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         model.train()
         sums = torch.zeros(5)  # loss, recon, codebook, commitment, ssim (summed over slices)
-        for x in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                      dynamic_ncols=True):
+        for step, x in enumerate(tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                                      dynamic_ncols=True), 1):
             x = x.to(device)
             out = model(x)
             recon_loss = F.mse_loss(out["x_recon"], x)  # -log p(x|z_q) up to constants
             loss = recon_loss + out["vq_loss"]
+            batch_losses.append(loss.item())
+            if not math.isfinite(batch_losses[-1]):
+                raise ProjectError(f"training loss is {batch_losses[-1]} at epoch {epoch}, step {step}; "
+                                   f"stopped before it reached a checkpoint (last good: "
+                                   f"{out_dir / 'last.pt'}); try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -94,20 +154,16 @@ def main(args):
                 train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
                 terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]])
                 sums += torch.cat([terms * x.shape[0], train_ssim[None]]).detach().cpu()
-            batch_losses.append(loss.item())
-        if not torch.isfinite(sums).all():
-            raise ProjectError(f"training loss became NaN or Inf in epoch {epoch}; lower --lr "
-                               f"(the last good checkpoint in {out_dir} is kept)")
         tr = (sums / len(train_set.files)).tolist()
 
         val = evaluate(model, val_loader, device)
+        if not math.isfinite(val["loss"]):
+            raise ProjectError(f"validation loss is {val['loss']} after epoch {epoch}; stopped without "
+                               f"saving it (last good: {out_dir / 'last.pt'}); try a lower --lr")
         usage, perplexity = codebook_stats(val["counts"])
-        row = [epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(), val["psnr"].mean().item(),
-               usage, perplexity, time.time() - t0]
-        with open(out_dir / "metrics.csv", "a", newline="") as f:
-            csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-        history["train SSIM"].append(tr[4])
-        history["validation SSIM"].append(row[8])
+        rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
+                     val["psnr"].mean().item(), usage, perplexity, time.time() - t0])
+        row = dict(zip(METRICS, rows[-1]))
 
         model.eval()
         with torch.no_grad():
@@ -124,19 +180,24 @@ def main(args):
         improved = val["recon_loss"] < best_val
         best_val = min(best_val, val["recon_loss"])
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "best_val": best_val, "model_args": cfg.to_dict(), "config": config}
-        save_checkpoint(out_dir / "last.pt", ckpt)
+                "best_val": best_val, "model_args": cfg.to_dict(), "config": config, "kind": "vqvae",
+                "rng": {**rng_state(), "loader": train_loader.generator.get_state()},
+                "history": {"rows": rows, "batch_losses": batch_losses}}
+        write_csv(out_dir / "metrics.csv", METRICS, rows)
         if improved:
             save_checkpoint(out_dir / "best.pt", ckpt)
+        save_checkpoint(out_dir / "last.pt", ckpt)  # last: a kill before it leaves the epoch to redo
         log(f"epoch {epoch:3d} | loss {tr[0]:.4f} (recon {tr[1]:.4f} codebook {tr[2]:.4f} "
             f"commit {tr[3]:.4f}) | val loss {val['loss']:.4f} recon {val['recon_loss']:.4f} "
-            f"SSIM {row[8]:.4f} PSNR {row[9]:.2f} | "
-            f"codes used {usage:.1%} perplexity {perplexity:.1f} | {row[-1]:.0f}s"
+            f"SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} | "
+            f"codes used {usage:.1%} perplexity {perplexity:.1f} | {row['seconds']:.0f}s"
             + (" | best" if improved else ""))
 
     save_curves(out_dir / "loss_per_batch.png", {"train loss": batch_losses}, "batch", "loss",
                 "training loss (MSE + VQ terms) per batch")
-    save_curves(out_dir / "ssim_per_epoch.png", history, "epoch", "SSIM (Gaussian, data range 1)",
+    ssims = {name: [r[METRICS.index(col)] for r in rows]
+             for name, col in (("train SSIM", "train_ssim"), ("validation SSIM", "val_ssim"))}
+    save_curves(out_dir / "ssim_per_epoch.png", ssims, "epoch", "SSIM (Gaussian, data range 1)",
                 "SSIM per epoch")
     log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     log_file.close()
@@ -171,6 +232,8 @@ def get_parser():
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="EMA Laplace smoothing (with --ema)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (or from a checkpoint file) where it stopped")
     return p
 
 

@@ -2,6 +2,7 @@
 checkpoints and run folders, evaluation, and figures."""
 import json
 import os
+import pickle
 import random
 import re
 import sys
@@ -170,20 +171,37 @@ def write_json(path, obj):
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True (pickled code never runs) and check its keys."""
+def write_csv(path, header, rows):
+    """Rewrite a whole CSV atomically: floats with 6 significant digits."""
+    lines = [",".join(header)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r)
+                                  for r in rows]
+    _atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def load_checkpoint(path, map_location="cpu", kind="vqvae"):
+    """Load a checkpoint with weights_only=True, so pickled code in it never runs, and check that
+    it is a `kind` checkpoint of this project."""
     path = Path(path)
     if not path.is_file():
         raise ProjectError(f"checkpoint {path} does not exist; pass --checkpoint runs/NNN/best.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated, foreign or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProjectError(f"cannot load checkpoint {path} ({first}); it is corrupt, truncated or "
-                           f"not a checkpoint of this project") from None
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ProjectError(f"refused {path}: it holds pickled objects other than tensors and plain "
+                               f"types (possibly code), which were not run; use a checkpoint written by "
+                               f"this project") from None
+        raise ProjectError(f"cannot load checkpoint {path}: it is corrupt or truncated ({e})") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ProjectError(f"cannot load checkpoint {path}: it is corrupt, truncated or not a "
+                           f"checkpoint of this project ({first})") from None
     missing = {"model", "model_args", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        raise ProjectError(f"{path} is not a VQ-VAE checkpoint of this project (missing {sorted(missing)})")
+        raise ProjectError(f"{path} is not a checkpoint of this project (it lacks {sorted(missing)})")
+    if ckpt.get("kind", "vqvae") != kind:
+        raise ProjectError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed "
+                           f"here; pass the run's best.pt")
     return ckpt
 
 

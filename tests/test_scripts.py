@@ -1,6 +1,7 @@
 """train.py and predict.py end to end through their command lines, as a user runs them."""
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def run(script, *args, cwd):
 def assert_clean_error(proc, *words):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    # Besides the progress bars (tqdm writes them to stderr), exactly one line.
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"epoch \d+/\d+:", l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -55,7 +57,8 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained):
     from modules import VQVAE, VQVAEConfig
     _, run_dir, _ = trained
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "epoch", "best_val", "model_args", "config"}
+    assert {"model", "optimizer", "epoch", "best_val", "model_args", "config"} <= set(ckpt)
+    assert ckpt["kind"] == "vqvae" and set(ckpt["rng"]) >= {"torch", "loader"}
     model = VQVAE(VQVAEConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     assert model.cfg.num_embeddings == 32 and model.cfg.num_downsampling_layers == 2
@@ -101,7 +104,7 @@ def test_bad_inputs_get_one_clear_line(trained, tmp_path):
     assert_clean_error(run("predict.py", "--checkpoint", bad, cwd=tmp_path), "bad.pt", "corrupt")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    assert_clean_error(run("predict.py", "--checkpoint", foreign, cwd=tmp_path), "not a VQ-VAE checkpoint")
+    assert_clean_error(run("predict.py", "--checkpoint", foreign, cwd=tmp_path), "not a checkpoint of this project")
     assert_clean_error(run("predict.py", cwd=tmp_path), "no checkpoint found")
 
 

@@ -1,0 +1,201 @@
+"""Resume after SIGKILL, atomic checkpoints, NaN stops, refused checkpoints and every bad input the
+README lists: one line on stderr, exit code 2, nothing already written lost."""
+import csv
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import phantom
+from conftest import ROOT, TINY_MODEL
+from test_scripts import assert_clean_error, run
+
+INJECT = str(Path(__file__).parent / "inject")
+TINY_RUN = ["--epochs", "2", "--batch_size", "4", *TINY_MODEL]
+
+
+def metrics_without_time(run_dir):
+    rows = list(csv.reader(open(run_dir / "metrics.csv")))
+    return [r[:-1] for r in rows]  # the last column is wall seconds
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    """Enough slices for epochs that last a second or so, so a kill can land inside one."""
+    out = tmp_path_factory.mktemp("resume") / "phantom"
+    patients = {"keras_slices_train": 4, "keras_slices_validate": 1, "keras_slices_test": 1}
+    return phantom.generate(out, patients=patients, slices_per_patient=12)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(resume_data, tmp_path):
+    flags = ["--data_dir", resume_data, "--epochs", "4", "--batch_size", "2", "--ema", *TINY_MODEL]
+    ref = tmp_path / "ref"
+    assert run("train.py", *flags, "--out_dir", ref, cwd=tmp_path).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out_dir", killed],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    # Epoch 1 is checkpointed; kill during epoch 2, half an epoch's time later.
+    time.sleep(float(list(csv.reader(open(killed / "metrics.csv")))[1][-1]) / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = torch.load(killed / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 4 and "done:" not in (killed / "log.txt").read_text()
+
+    resumed = run("train.py", "--resume", killed, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {killed} after epoch {done}" in (killed / "log.txt").read_text()
+    # Bit-identical on the CPU: every metric but wall time, and every tensor of both checkpoints.
+    assert metrics_without_time(killed) == metrics_without_time(ref)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(ref / name, weights_only=True)
+        b = torch.load(killed / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and a["best_val"] == b["best_val"]
+        assert state_equal(a["model"], b["model"])  # includes the EMA codebook buffers
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for k in a["optimizer"]["state"]:
+            assert state_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
+
+
+def test_resume_refuses_other_flags_and_extends_epochs(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
+    proc = run("train.py", "--resume", run_dir, "--num_embeddings", "64", "--lr", "0.01", cwd=tmp_path)
+    assert_clean_error(proc, "num_embeddings=32", "lr=0.001", "num_embeddings=64", "lr=0.01")
+    proc = run("train.py", "--resume", run_dir, "--epochs", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [r[0] for r in metrics_without_time(run_dir)] == ["epoch", "1", "2", "3"]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # 8 train slices in batches of 4: steps 1-2 are epoch 1; step 3 (epoch 2, step 1) leaves NaN
+    # weights, so the loss of epoch 2, step 2 is NaN.
+    env = {**os.environ, "PYTHONPATH": INJECT, "VQVAE_INJECT": "nan_from_step=3"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data_dir", str(tiny_data), *TINY_RUN,
+                           "--out_dir", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert_clean_error(proc, "epoch 2, step 2", "last.pt")
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run_dir / name, weights_only=True)
+        assert ckpt["epoch"] == 1
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_full_disk_while_saving_keeps_previous_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # Epoch 1 saves best.pt and last.pt (torch.save calls 1 and 2); call 3 is epoch 2's first save.
+    env = {**os.environ, "PYTHONPATH": INJECT, "VQVAE_INJECT": "enospc_from=3"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data_dir", str(tiny_data), *TINY_RUN,
+                           "--out_dir", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert_clean_error(proc, "could not write", "No space left on device", "intact")
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 1
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # no half-written leftovers
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_args": {}, "config": {}, "payload": _Exploit(str(marker))}, evil)
+    proc = run("predict.py", "--checkpoint", evil, cwd=tmp_path)
+    assert_clean_error(proc, "refused", "evil.pt", "were not run")
+    assert not marker.exists()
+    proc = run("train.py", "--resume", evil, cwd=tmp_path)
+    assert_clean_error(proc, "refused")
+    assert not marker.exists()
+
+
+def test_other_kind_or_configuration_of_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({**ckpt, "kind": "prior"}, tmp_path / "prior.pt")
+    assert_clean_error(run("predict.py", "--checkpoint", tmp_path / "prior.pt", cwd=tmp_path),
+                       "is a prior checkpoint", "vqvae")
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "num_embeddings": 64}}, tmp_path / "other.pt")
+    assert_clean_error(run("predict.py", "--checkpoint", tmp_path / "other.pt", cwd=tmp_path),
+                       "weights do not fit its model_args", "codebook")
+
+
+def copy_data(tiny_data, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def save_nii(path, array):
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), path)
+
+
+BAD_FILES = {
+    "random_bytes": (lambda p: p.write_bytes(os.urandom(3000)), "cannot read"),
+    "renamed_png": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300)), "cannot read"),
+    "truncated": (lambda p: p.write_bytes(p.with_name("ok.nii.gz").read_bytes()[:4000]), "cannot read"),
+    "volume_3d": (lambda p: save_nii(p, np.ones((64, 32, 5), np.float32)), "cut volumes into one 2D slice"),
+    "image_4d": (lambda p: save_nii(p, np.ones((64, 32, 1, 2), np.float32)), "not a 2D slice"),
+    "nan_slice": (lambda p: save_nii(p, np.where(np.eye(64, 32) > 0, np.nan, 1.0).astype(np.float32)), "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_slice_file_gets_one_line_naming_it(case, tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path)
+    train = data / "keras_slices_train"
+    save_nii(train / "ok.nii.gz", np.random.default_rng(0).uniform(0, 300, (256, 128)).astype(np.float32))
+    make, words = BAD_FILES[case]
+    bad = train / f"case_099_week_0_slice_{case}.nii.gz"
+    make(bad)
+    proc = run("train.py", "--data_dir", data, *TINY_RUN, "--out_dir", tmp_path / "run", cwd=tmp_path)
+    assert_clean_error(proc, bad.name, words)
+    assert not (tmp_path / "run").exists()  # bad data leaves no run folder behind
+
+
+def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path)
+    for f in (data / "keras_slices_validate").iterdir():
+        f.unlink()
+    assert_clean_error(run("train.py", "--data_dir", data, *TINY_RUN, cwd=tmp_path),
+                       "keras_slices_validate holds no .nii")
+    (tmp_path / "a_file").write_text("x")
+    assert_clean_error(run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", tmp_path / "a_file" / "run",
+                           cwd=tmp_path), "cannot create run folder")
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_constant_and_mixed_size_slices_train_without_nan(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path)
+    train = data / "keras_slices_train"
+    save_nii(train / "case_098_week_0_slice_0.nii.gz", np.zeros((256, 128), np.int16))
+    save_nii(train / "case_098_week_0_slice_1.nii.gz", np.random.default_rng(0).uniform(0, 9, (256, 144)))
+    save_nii(train / "case_098_week_0_slice_2.nii.gz", np.random.default_rng(1).uniform(0, 9, (200, 100)))
+    proc = run("train.py", "--data_dir", data, *TINY_RUN, "--out_dir", tmp_path / "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 11 slices of sizes 200x100, 256x128, 256x144; 11 resized to 32x16" in proc.stdout
+    for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv")):
+        assert all(np.isfinite(float(v)) for v in row.values())
