@@ -9,6 +9,7 @@ ssim_per_epoch.png.
 import argparse
 import math
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -22,17 +23,14 @@ from utils import (ProjectError, codebook_stats, evaluate, load_checkpoint, new_
                    to_unit, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
-           "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage", "perplexity", "seconds"]
+           "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
+           "perplexity", "seconds"]
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure
 
 
 def model_config(args):
-    return VQVAEConfig(num_hiddens=args.num_hiddens, num_residual_layers=args.num_residual_layers,
-                       num_residual_hiddens=args.num_residual_hiddens,
-                       num_downsampling_layers=args.num_downsampling_layers,
-                       embedding_dim=args.embedding_dim, num_embeddings=args.num_embeddings,
-                       commitment_cost=args.commitment_cost, ema=args.ema, decay=args.decay,
-                       epsilon=args.epsilon)
+    """The model's hyperparameters from the flags of the same names."""
+    return VQVAEConfig(**{f.name: getattr(args, f.name) for f in fields(VQVAEConfig) if f.name != "in_channels"})
 
 
 def resume_args(args):
