@@ -57,6 +57,11 @@ def load_slice(path):
     return data
 
 
+def stem(path):
+    """File name without .nii or .nii.gz."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
 def scale_unit(a):
     """Min-max scale to [0, 1]; a constant slice maps to zeros (no division by zero)."""
     lo, hi = float(a.min()), float(a.max())

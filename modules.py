@@ -29,6 +29,15 @@ class VQVAEConfig:
         return asdict(self)
 
 
+def latent_shape(image_size, num_downsampling_layers):
+    """(H, W) -> (h, w) of the code map; H and W must be positive multiples of 2**num_downsampling_layers."""
+    f = 2 ** num_downsampling_layers
+    H, W = image_size
+    if H <= 0 or W <= 0 or H % f or W % f:
+        raise ValueError(f"image size {H}x{W} must be a positive multiple of {f} (2**num_downsampling_layers)")
+    return H // f, W // f
+
+
 class ResidualStack(nn.Module):
     """`num_residual_layers` blocks of ReLU-3x3conv-ReLU-1x1conv with identity skips, then ReLU."""
 
@@ -111,7 +120,9 @@ class VectorQuantizer(nn.Module):
         self.codebook.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         if ema:
             self.codebook.weight.requires_grad_(False)
-            self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
+            # Start as if each code had been assigned once to itself: N_i = 1, m_i = e_i. With N_i = 0
+            # the first update would divide an unused code by ~epsilon and fling it out of reach.
+            self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
             self.register_buffer("ema_embed_sum", self.codebook.weight.data.clone())
 
     def nearest(self, z_flat):
@@ -132,9 +143,9 @@ class VectorQuantizer(nn.Module):
         B, D, h, w = z_e.shape
         z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         indices = self.nearest(z_flat)  # (B*h*w,)
+        z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w), codes before the update
         if self.ema and self.training:
             self._ema_update(z_flat.detach().float(), indices)
-        z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w)
 
         # Paper eq. 3: L = log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2.
         # Codebook term moves the codes towards the encoder outputs; the EMA update replaces it.
@@ -178,13 +189,7 @@ class VQVAE(nn.Module):
                                cfg.num_residual_layers, cfg.num_residual_hiddens, cfg.in_channels)
 
     def latent_shape(self, image_size):
-        """(H, W) -> (h, w) of the code map; the image must divide by 2**num_downsampling_layers."""
-        f = 2 ** self.cfg.num_downsampling_layers
-        H, W = image_size
-        if H % f or W % f:
-            raise ValueError(f"image size {H}x{W} must be divisible by {f} "
-                             f"(2**num_downsampling_layers)")
-        return H // f, W // f
+        return latent_shape(image_size, self.cfg.num_downsampling_layers)
 
     def forward(self, x):
         """x: (B, C, H, W) in [-1, 1] -> dict with x_recon (B, C, H, W), indices (B, h, w) and the

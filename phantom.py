@@ -187,10 +187,8 @@ def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_P
 
 def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):
     """A grid of slices: one row per phantom patient, anterior to posterior."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from utils import pyplot, save_figure
+    plt = pyplot()
     fig, axes = plt.subplots(len(cases), positions, figsize=(1.3 * positions, 2.5 * len(cases)))
     for r, case in enumerate(cases):
         files = sorted(Path(data_dir).glob(f"*/case_{case:03d}_*.nii.gz"),
@@ -201,8 +199,7 @@ def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):
             ax.axis("off")
     fig.suptitle("synthetic pelvic T2 phantom: coronal slices, anterior (left) to posterior", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Writes metrics.json, per_slice.csv, best_worst.png and every reconstruction as a
 source's grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
 """
 import argparse
-import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -15,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import load_split, make_loader, resolve_data_dir
+from dataset import load_split, make_loader, resolve_data_dir, stem
 from modules import VQVAE, VQVAEConfig
 from utils import (ProjectError, codebook_stats, evaluate, latest_checkpoint, load_checkpoint,
-                   pick_device, run_main, save_comparison, write_json)
+                   pick_device, run_main, save_comparison, write_csv, write_json)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 
@@ -89,14 +88,10 @@ def main(args):
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
-    with open(out_dir / "per_slice.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "ssim", "psnr"])
-        for file, si, pi in zip(test_set.files, s.tolist(), p.tolist()):
-            w.writerow([file.name, f"{si:.6f}", f"{pi:.4f}"])
+    write_csv(out_dir / "per_slice.csv", ["file", "ssim", "psnr"],
+              [[f.name, si, pi] for f, si, pi in zip(test_set.files, s.tolist(), p.tolist())])
     for i, file in enumerate(test_set.files):
-        name = file.name.replace(".nii.gz", "").replace(".nii", "")
-        save_recon(out_dir / "recon" / f"{name}_recon.nii.gz", res["recons"][i, 0], file,
+        save_recon(out_dir / "recon" / f"{stem(file)}_recon.nii.gz", res["recons"][i, 0], file,
                    test_set.shapes[i], test_set.ranges[i])
     order = torch.argsort(s, descending=True)
     k = min(NUM_SHOWN, len(s) // 2) or 1
@@ -104,7 +99,7 @@ def main(args):
     save_comparison(out_dir / "best_worst.png", test_set.images[pick].float(), res["indices"][pick],
                     res["recons"][pick], f"{args.split}: best {k} and worst {k} slices by SSIM",
                     model.cfg.num_embeddings,
-                    [f"{test_set.files[i].name[:-7]}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
+                    [f"{stem(test_set.files[i])}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
     print(f"{args.split} SSIM {metrics['ssim_mean']:.4f} +- {metrics['ssim_std']:.4f} "
           f"(n={metrics['n']}), PSNR {metrics['psnr_mean']:.2f} dB")
     print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png and recon/*.nii.gz")

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import load_split, make_loader, resolve_data_dir
-from modules import VQVAE, VQVAEConfig
-from utils import (ProjectError, codebook_stats, evaluate, load_checkpoint, new_run_dir, pick_device,
+from modules import VQVAE, VQVAEConfig, latent_shape
+from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, evaluate, load_checkpoint, new_run_dir, pick_device,
                    run_main, save_checkpoint, save_comparison, save_curves, seed_everything, ssim,
                    to_unit, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
-NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure
+NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
+DEFAULT_EPOCHS = 20
 
 
 def model_config(args):
@@ -42,6 +43,10 @@ def resume_args(args):
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
     ckpt = load_checkpoint(path)
+    last = path.with_name("last.pt")
+    if path.name != "last.pt" and last.is_file() and load_checkpoint(last)["epoch"] > ckpt["epoch"]:
+        raise ProjectError(f"{path} is from epoch {ckpt['epoch']} but the run went on (see {last}); "
+                           f"resume the run folder {path.parent}, which continues from its last epoch")
     old = ckpt["config"]
     defaults = vars(get_parser().parse_args([]))
     free = {"resume", "epochs", "device", "out_dir"}
@@ -54,8 +59,8 @@ def resume_args(args):
         now = ", ".join(f"{k}={b}" for k, (_, b) in differ.items())
         raise ProjectError(f"cannot resume {path}: the run was made with {was} but this command asks "
                            f"{now}; drop those flags to resume it, or start a new run without --resume")
-    merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device, "out_dir": str(path.parent),
-                                   "epochs": args.epochs if args.epochs != defaults["epochs"] else old["epochs"]})
+    merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device,
+                                   "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
     return ckpt, merged
 
 
@@ -78,9 +83,16 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt, args = resume_args(args)
+    args.epochs = args.epochs or DEFAULT_EPOCHS
     seed_everything(args.seed)
     device = pick_device(args.device)
     image_size = tuple(args.image_size)
+    try:  # checked before any data is read or any folder made
+        latent_shape(image_size, args.num_downsampling_layers)
+    except ValueError as e:
+        raise ProjectError(f"--image_size: {e}") from None
+    if min(image_size) < SSIM_MIN_SIZE:
+        raise ProjectError(f"--image_size must be at least {SSIM_MIN_SIZE} pixels each way (the SSIM window)")
 
     # ---- data (read before the run folder is made, so bad data leaves no empty run behind)
     data_dir = resolve_data_dir(args.data_dir)
@@ -88,10 +100,13 @@ def main(args):
     val_set = load_split(data_dir, "validate", image_size)
     train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
     val_loader = make_loader(val_set, args.batch_size)
-    fixed = val_set.images[:NUM_COMPARISON].float() * 2 - 1  # same slices every epoch
+    fixed = torch.stack([val_loader.dataset[i] for i in range(min(NUM_COMPARISON, len(val_set.files)))])
 
     out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
-    log_file = open(out_dir / "log.txt", "a")
+    try:
+        log_file = open(out_dir / "log.txt", "a")
+    except OSError as e:
+        raise ProjectError(f"cannot write {out_dir / 'log.txt'}: {e.strerror}; pick another --out_dir") from None
 
     def log(msg):
         tqdm.write(msg)
@@ -107,10 +122,7 @@ def main(args):
     # ---- model
     cfg = model_config(args)
     model = VQVAE(cfg).to(device)
-    try:
-        h, w = model.latent_shape(image_size)
-    except ValueError as e:
-        raise ProjectError(f"--image_size: {e}") from None
+    h, w = model.latent_shape(image_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, code map {h}x{w} of {cfg.num_embeddings} codes")
 
@@ -210,7 +222,8 @@ def get_parser():
     p.add_argument("--out_dir", default=None, help="run folder; None: the next runs/NNN")
     p.add_argument("--image_size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"),
                    help="slices are resized to H x W; 256 256 reproduces the seed's stretched grid")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training split; None: 20, or with --resume the run's own")
     p.add_argument("--batch_size", type=int, default=32, help="slices per Adam step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--num_hiddens", type=int, default=d.num_hiddens,

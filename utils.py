@@ -31,10 +31,14 @@ def run_main(main, args):
 def pick_device(name=None):
     """The one device picker: `name` if given, else cuda, then mps, then cpu."""
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ProjectError(f"--device {name} was asked for but CUDA is not available; "
-                               f"use --device cpu")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ProjectError(f"--device {name} is not a device name; use cuda, cuda:N, mps or cpu") from None
+        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, True):
+            raise ProjectError(f"--device {name} was asked for but is not available here; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -49,6 +53,9 @@ def seed_everything(seed):
 
 
 # ----------------------------------------------------------------------------- metrics
+
+SSIM_MIN_SIZE = 11  # pixels: the Gaussian window's width
+
 
 def _gaussian_window(sigma=1.5, truncate=3.5):
     """1D Gaussian taps as scipy.ndimage builds them: radius int(truncate * sigma + 0.5) = 5."""
@@ -160,6 +167,9 @@ def _atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         raise ProjectError(f"could not write {path}: {e.strerror or e}; free space or pick another "
                            f"--out_dir (the previous {path.name}, if any, is intact)") from None
+    except BaseException:  # Ctrl-C mid-save: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path, ckpt):
@@ -183,7 +193,7 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
     it is a `kind` checkpoint of this project."""
     path = Path(path)
     if not path.is_file():
-        raise ProjectError(f"checkpoint {path} does not exist; pass --checkpoint runs/NNN/best.pt")
+        raise ProjectError(f"checkpoint {path} does not exist; check the path (runs/NNN/best.pt or last.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -212,6 +222,8 @@ def new_run_dir(out_dir=None):
         nums = [int(p.name) for p in RUNS_ROOT.iterdir() if re.fullmatch(r"\d+", p.name)]
         out_dir = RUNS_ROOT / f"{max(nums, default=0) + 1:03d}"
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ProjectError(f"--out_dir {out_dir} is a file, not a folder; pick a new --out_dir")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ProjectError(f"run folder {out_dir} already holds files; pick a new --out_dir "
                            f"(runs are never overwritten)")
@@ -236,14 +248,29 @@ def latest_checkpoint():
 
 # ----------------------------------------------------------------------------- figures
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as e:
+        raise ProjectError(f"could not write {path}: {e.strerror or e}; free space or pick another --out_dir") from None
+    finally:
+        pyplot().close(fig)
+
+
 def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_titles=None):
     """A grid with one row per slice: input | code map | reconstruction.
 
     inputs, recons: (N, 1, H, W) in [0, 1]; indices: (N, h, w) code indices.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = inputs.shape[0]
     H, W = inputs.shape[-2:]
@@ -261,15 +288,12 @@ def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_ti
             axes[i, 0].set_ylabel(row_titles[i], fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_curves(path, series, xlabel, ylabel, title):
     """Line plot of {name: list of values}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in series.items():
@@ -281,5 +305,4 @@ def save_curves(path, series, xlabel, ylabel, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

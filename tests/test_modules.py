@@ -20,7 +20,7 @@ def test_shapes_follow_config():
     out = model(x)
     assert out["x_recon"].shape == x.shape
     assert out["indices"].shape == (2, 32, 16) == (2, *model.latent_shape((256, 128)))
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(ValueError, match="positive multiple of 8"):
         model.latent_shape((250, 128))
 
 
@@ -75,10 +75,11 @@ def test_ema_updates_only_in_train_mode():
     x = torch.rand(4, 1, 32, 16) * 2 - 1
     assert not model.vq.codebook.weight.requires_grad
     before = model.vq.codebook.weight.clone()
+    sizes = model.vq.ema_cluster_size.clone()
     model.eval()
     model(x)
     assert torch.equal(model.vq.codebook.weight, before)
-    assert model.vq.ema_cluster_size.sum() == 0
+    assert torch.equal(model.vq.ema_cluster_size, sizes)
     model.train()
     out = model(x)
     assert not torch.equal(model.vq.codebook.weight, before)
@@ -96,10 +97,8 @@ def test_ema_moves_codes_to_the_mean_of_their_vectors():
     assert torch.allclose(vq.codebook.weight, torch.tensor([[1.1, 0.9], [9.0, 9.0]]), atol=1e-3)
 
 
-# The EMA codebook starts from the seed's tiny uniform init, so few codes get used early and it
-# overfits more slowly within the same steps; hence its looser bound.
-@pytest.mark.parametrize("ema, bound", [(False, 0.2), (True, 0.4)])
-def test_tiny_model_overfits_one_batch(ema, bound, tiny_data):
+@pytest.mark.parametrize("ema", [False, True])
+def test_tiny_model_overfits_one_batch(ema, tiny_data):
     from dataset import load_split
     x = load_split(tiny_data, "train", (32, 16)).images[:4].float() * 2 - 1
     model = tiny_model(ema=ema)
@@ -114,7 +113,7 @@ def test_tiny_model_overfits_one_batch(ema, bound, tiny_data):
         opt.step()
     model.eval()
     final = F.mse_loss(model(x)["x_recon"], x).item()
-    assert final < bound * first, (first, final)
+    assert final < 0.2 * first, (first, final)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import phantom
 from conftest import ROOT, TINY_MODEL
+from test_data import write
 from test_scripts import assert_clean_error, run
 
 INJECT = str(Path(__file__).parent / "inject")
@@ -79,10 +79,15 @@ def test_resume_refuses_other_flags_and_extends_epochs(tiny_data, tmp_path):
     assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
     proc = run("train.py", "--resume", run_dir, "--num_embeddings", "64", "--lr", "0.01", cwd=tmp_path)
     assert_clean_error(proc, "num_embeddings=32", "lr=0.001", "num_embeddings=64", "lr=0.01")
-    proc = run("train.py", "--resume", run_dir, "--epochs", "3", cwd=tmp_path)
+    # --epochs extends a run, also to the value that is the flag's default for new runs.
+    proc = run("train.py", "--resume", run_dir, "--epochs", "20", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert [r[0] for r in metrics_without_time(run_dir)] == ["epoch", "1", "2", "3"]
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
+    assert [r[0] for r in metrics_without_time(run_dir)] == ["epoch", *map(str, range(1, 21))]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 20
+    # Resuming from an earlier checkpoint than last.pt would silently rewind the run.
+    best = torch.load(run_dir / "best.pt", weights_only=True)["epoch"]
+    if best < 20:
+        assert_clean_error(run("train.py", "--resume", run_dir / "best.pt", cwd=tmp_path), "resume the run folder")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
@@ -149,17 +154,13 @@ def copy_data(tiny_data, tmp_path):
     return dst
 
 
-def save_nii(path, array):
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), path)
-
-
 BAD_FILES = {
     "random_bytes": (lambda p: p.write_bytes(os.urandom(3000)), "cannot read"),
     "renamed_png": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300)), "cannot read"),
     "truncated": (lambda p: p.write_bytes(p.with_name("ok.nii.gz").read_bytes()[:4000]), "cannot read"),
-    "volume_3d": (lambda p: save_nii(p, np.ones((64, 32, 5), np.float32)), "cut volumes into one 2D slice"),
-    "image_4d": (lambda p: save_nii(p, np.ones((64, 32, 1, 2), np.float32)), "not a 2D slice"),
-    "nan_slice": (lambda p: save_nii(p, np.where(np.eye(64, 32) > 0, np.nan, 1.0).astype(np.float32)), "NaN"),
+    "volume_3d": (lambda p: write(p, np.ones((64, 32, 5), np.float32)), "cut volumes into one 2D slice"),
+    "image_4d": (lambda p: write(p, np.ones((64, 32, 1, 2), np.float32)), "not a 2D slice"),
+    "nan_slice": (lambda p: write(p, np.where(np.eye(64, 32) > 0, np.nan, 1.0).astype(np.float32)), "NaN"),
 }
 
 
@@ -167,7 +168,7 @@ BAD_FILES = {
 def test_bad_slice_file_gets_one_line_naming_it(case, tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path)
     train = data / "keras_slices_train"
-    save_nii(train / "ok.nii.gz", np.random.default_rng(0).uniform(0, 300, (256, 128)).astype(np.float32))
+    write(train / "ok.nii.gz", np.random.default_rng(0).uniform(0, 300, (256, 128)).astype(np.float32))
     make, words = BAD_FILES[case]
     bad = train / f"case_099_week_0_slice_{case}.nii.gz"
     make(bad)
@@ -188,12 +189,30 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     assert (tmp_path / "a_file").read_text() == "x"
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "gpu"], "not a device name"),
+    (["--image_size", "30", "16"], "positive multiple of 4"),
+    (["--image_size", "8", "8", "--num_downsampling_layers", "1"], "at least 11 pixels"),
+])
+def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
+    proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)
+    assert_clean_error(proc, words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_that_is_a_file(tiny_data, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", tmp_path / "a_file", cwd=tmp_path)
+    assert_clean_error(proc, "is a file, not a folder")
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_constant_and_mixed_size_slices_train_without_nan(tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path)
     train = data / "keras_slices_train"
-    save_nii(train / "case_098_week_0_slice_0.nii.gz", np.zeros((256, 128), np.int16))
-    save_nii(train / "case_098_week_0_slice_1.nii.gz", np.random.default_rng(0).uniform(0, 9, (256, 144)))
-    save_nii(train / "case_098_week_0_slice_2.nii.gz", np.random.default_rng(1).uniform(0, 9, (200, 100)))
+    write(train / "case_098_week_0_slice_0.nii.gz", np.zeros((256, 128), np.int16))
+    write(train / "case_098_week_0_slice_1.nii.gz", np.random.default_rng(0).uniform(0, 9, (256, 144)))
+    write(train / "case_098_week_0_slice_2.nii.gz", np.random.default_rng(1).uniform(0, 9, (200, 100)))
     proc = run("train.py", "--data_dir", data, *TINY_RUN, "--out_dir", tmp_path / "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train: 11 slices of sizes 200x100, 256x128, 256x144; 11 resized to 32x16" in proc.stdout
