@@ -49,6 +49,9 @@ def test_train_writes_every_file(trained):
         assert 0 < float(r["codebook_usage"]) <= 1 and float(r["perplexity"]) >= 1
         assert -1 <= float(r["val_ssim"]) <= 1 and float(r["val_loss"]) > 0
     assert len([l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("epoch")]) == 2
+    # best.pt is the epoch with the lowest validation reconstruction MSE, and only that one.
+    best_epoch = min(rows, key=lambda r: float(r["val_recon_loss"]))["epoch"]
+    assert str(torch.load(run_dir / "best.pt", weights_only=True)["epoch"]) == best_epoch
     config = json.loads((run_dir / "config.json").read_text())
     assert config["image_size"] == [32, 16] and config["epochs"] == 2
 
