@@ -7,6 +7,7 @@ Writes metrics.json, per_slice.csv, best_worst.png and every reconstruction as a
 source's grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
 """
 import argparse
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 from dataset import load_split, make_loader, resolve_data_dir, stem
 from modules import VQVAE, VQVAEConfig
-from utils import (ProjectError, codebook_stats, evaluate, latest_checkpoint, load_checkpoint,
-                   pick_device, run_main, save_comparison, write_csv, write_json)
+from utils import (ProjectError, atomic_write, codebook_stats, evaluate, latest_checkpoint,
+                   load_checkpoint, pick_device, run_main, save_comparison, write_csv, write_json)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 
@@ -51,10 +52,7 @@ def save_recon(path, recon, source, shape, value_range):
     header.set_data_dtype(np.float32)
     data = data.reshape(src.shape)  # keep a singleton axis if the source had one
     img = nib.Nifti1Image(data.astype(np.float32), src.affine, header)
-    try:
-        nib.save(img, path)
-    except OSError as e:
-        raise ProjectError(f"could not write {path}: {e.strerror}; free space or pick another --out_dir") from None
+    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6)))
 
 
 def main(args):

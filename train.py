@@ -50,10 +50,10 @@ def resume_args(args):
     old = ckpt["config"]
     defaults = vars(get_parser().parse_args([]))
     free = {"resume", "epochs", "device", "out_dir"}
-    norm = {"data_dir": lambda v: v and str(Path(v).resolve())}
+    def same(k, a, b):  # data folders compare as resolved paths
+        return (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())) if k == "data_dir" else a == b
     asked = {k: v for k, v in vars(args).items() if k not in free and v != defaults[k]}
-    differ = {k: (old.get(k), v) for k, v in asked.items()
-              if norm.get(k, lambda x: x)(v) != norm.get(k, lambda x: x)(old.get(k))}
+    differ = {k: (old.get(k), v) for k, v in asked.items() if not same(k, old.get(k), v)}
     if differ:
         was = ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
         now = ", ".join(f"{k}={b}" for k, (_, b) in differ.items())
@@ -88,7 +88,7 @@ def main(args):
     device = pick_device(args.device)
     image_size = tuple(args.image_size)
     try:  # checked before any data is read or any folder made
-        latent_shape(image_size, args.num_downsampling_layers)
+        h, w = latent_shape(image_size, args.num_downsampling_layers)
     except ValueError as e:
         raise ProjectError(f"--image_size: {e}") from None
     if min(image_size) < SSIM_MIN_SIZE:
@@ -122,7 +122,6 @@ def main(args):
     # ---- model
     cfg = model_config(args)
     model = VQVAE(cfg).to(device)
-    h, w = model.latent_shape(image_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, code map {h}x{w} of {cfg.num_embeddings} codes")
 

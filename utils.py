@@ -54,15 +54,15 @@ def seed_everything(seed):
 
 # ----------------------------------------------------------------------------- metrics
 
-SSIM_MIN_SIZE = 11  # pixels: the Gaussian window's width
-
-
 def _gaussian_window(sigma=1.5, truncate=3.5):
     """1D Gaussian taps as scipy.ndimage builds them: radius int(truncate * sigma + 0.5) = 5."""
     r = int(truncate * sigma + 0.5)
     x = torch.arange(-r, r + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (x / sigma) ** 2)
     return g / g.sum()
+
+
+SSIM_MIN_SIZE = len(_gaussian_window())  # pixels each way: the window must fit in the image
 
 
 def ssim(x, y):
@@ -152,9 +152,10 @@ def evaluate(model, loader, device, keep=False):
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_write(path, write):
-    """Write via a temporary file in the same folder, fsync, then rename over `path`, so a kill or
-    a full disk at any moment leaves the previous file intact."""
+def atomic_write(path, write):
+    """The one writer of output files: write(f) fills a binary file object. It goes to a temporary
+    file in the same folder, is fsynced, then renamed over `path`, so a kill or a full disk at any
+    moment leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -174,18 +175,18 @@ def _atomic_write(path, write):
 
 def save_checkpoint(path, ckpt):
     """The one checkpoint writer: `ckpt` holds tensors and plain types only."""
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_csv(path, header, rows):
     """Rewrite a whole CSV atomically: floats with 6 significant digits."""
     lines = [",".join(header)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r)
                                   for r in rows]
-    _atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def load_checkpoint(path, map_location="cpu", kind="vqvae"):
@@ -258,9 +259,7 @@ def pyplot():
 
 def save_figure(fig, path, dpi=100):
     try:
-        fig.savefig(path, dpi=dpi)
-    except OSError as e:
-        raise ProjectError(f"could not write {path}: {e.strerror or e}; free space or pick another --out_dir") from None
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         pyplot().close(fig)
 
