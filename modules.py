@@ -6,8 +6,43 @@ Pure tensor code: no argparse, no file I/O.
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+CODEBOOK_INITS = ("uniform", "kmeans")
+KMEANS_ITERS = 10
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _nearest(z, e):
+    """z: (N, D), e: (K, D) -> (N,) index of the nearest row of e by squared L2 distance, in fp32:
+    argmin over near-ties is precision-sensitive, so it stays fp32 even under autocast."""
+    z, e = z.float(), e.float()
+    dist2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)  # (N, K)
+    return dist2.argmin(1)
+
+
+def kmeans(z, k, iters=KMEANS_ITERS):
+    """Lloyd's k-means. z: (N, D) -> (k, D) centres, seeded from k distinct random rows of z
+    (drawn with replacement when N < k) by the global torch RNG. A centre that loses all its
+    points keeps its seed, so no centre is ever empty or NaN."""
+    N = z.shape[0]
+    pick = torch.randperm(N, device=z.device)[:k] if N >= k else torch.randint(N, (k,), device=z.device)
+    centres = z[pick].float().clone()
+    for _ in range(iters):
+        assign = _nearest(z, centres)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, z.float())
+        used = counts > 0
+        centres[used] = sums[used] / counts[used].unsqueeze(1)
+    return centres
+
+
+SEED_CODEBOOK = {"codebook_init": "uniform", "restart_after": 0}  # the seed's codebook, without health
 
 
 @dataclass
@@ -24,9 +59,18 @@ class VQVAEConfig:
     ema: bool = False
     decay: float = 0.99
     epsilon: float = 1e-5
+    codebook_init: str = "kmeans"  # "kmeans" on the first training batch, or "uniform" (the seed's +-1/K)
+    restart_after: int = 2  # re-seed a code unused for this many training steps; 0: never (the seed)
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, model_args):
+        """Rebuild from a checkpoint's model_args; fields it lacks were written before they existed,
+        when the codebook behaved as the seed's."""
+        return cls(**{**SEED_CODEBOOK, **model_args})
+
 
 
 def latent_shape(image_size, num_downsampling_layers):
@@ -105,17 +149,31 @@ class VectorQuantizer(nn.Module):
 
     With `ema=True` the codebook is not trained by gradients but by exponential moving averages of
     the encoder outputs assigned to each code (paper, appendix A.1), updated in train mode only.
+
+    Codebook health, both off in the seed configuration and acting in train mode only:
+    - codebook_init="kmeans": on the first training batch the codebook is set to k-means centres of
+      the encoder outputs, so every code starts where the data is (the seed's +-1/K codes sit in a
+      tiny ball that one code wins for every input, which is how the codebook collapses);
+    - restart_after=S: a code that no encoder output chose for S training steps is re-seeded with a
+      random encoder output of the current batch.
+    Under torch.distributed the code counts and EMA sums are all-reduced and the k-means centres and
+    restarted codes are broadcast from rank 0, so every rank holds the same codebook. The state of
+    both (`initialized`, `code_age`) is in buffers, so it is saved and resumed with the weights.
     """
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, ema=False, decay=0.99,
-                 epsilon=1e-5):
+                 epsilon=1e-5, codebook_init="uniform", restart_after=0):
         super().__init__()
+        if codebook_init not in CODEBOOK_INITS:
+            raise ValueError(f"codebook_init must be one of {CODEBOOK_INITS}, got {codebook_init!r}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.commitment_cost = commitment_cost
         self.ema = ema
         self.decay = decay
         self.epsilon = epsilon
+        self.codebook_init = codebook_init
+        self.restart_after = restart_after
         self.codebook = nn.Embedding(num_embeddings, embedding_dim)
         self.codebook.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         if ema:
@@ -124,14 +182,14 @@ class VectorQuantizer(nn.Module):
             # the first update would divide an unused code by ~epsilon and fling it out of reach.
             self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
             self.register_buffer("ema_embed_sum", self.codebook.weight.data.clone())
+        if codebook_init == "kmeans":
+            self.register_buffer("initialized", torch.tensor(False))
+        if restart_after > 0:
+            self.register_buffer("code_age", torch.zeros(num_embeddings, dtype=torch.long))  # steps unused
 
     def nearest(self, z_flat):
         """z_flat: (N, D) -> indices (N,) of the nearest code by squared L2 distance."""
-        # Distances in fp32 even under autocast: argmin over near-ties is precision-sensitive.
-        z_flat = z_flat.float()
-        e = self.codebook.weight.float()
-        dist = z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ e.t() + e.pow(2).sum(1)  # (N, K)
-        return dist.argmin(1)
+        return _nearest(z_flat, self.codebook.weight)
 
     def embed(self, indices):
         """indices: (B, h, w) long -> z_q: (B, D, h, w)."""
@@ -142,10 +200,14 @@ class VectorQuantizer(nn.Module):
         codebook_loss, commitment_loss and vq_loss (scalars)."""
         B, D, h, w = z_e.shape
         z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+        if self.training and self.codebook_init == "kmeans" and not self.initialized:
+            self._set_codes(torch.arange(self.num_embeddings, device=z_e.device),
+                            kmeans(z_flat.detach(), self.num_embeddings))
+            self.initialized.fill_(True)
         indices = self.nearest(z_flat)  # (B*h*w,)
         z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w), codes before the update
-        if self.ema and self.training:
-            self._ema_update(z_flat.detach().float(), indices)
+        if self.training and (self.ema or self.restart_after > 0):
+            self._update_codebook(z_flat.detach().float(), indices)
 
         # Paper eq. 3: L = log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2.
         # Codebook term moves the codes towards the encoder outputs; the EMA update replaces it.
@@ -162,16 +224,42 @@ class VectorQuantizer(nn.Module):
                 "commitment_loss": commitment_loss, "vq_loss": vq_loss}
 
     @torch.no_grad()
-    def _ema_update(self, z_flat, indices):
-        """Appendix A.1: N_i <- decay N_i + (1-decay) n_i, m_i <- decay m_i + (1-decay) sum z,
-        e_i = m_i / N_i, with Laplace smoothing of N_i so unused codes never divide by zero."""
+    def _update_codebook(self, z_flat, indices):
+        """One training step's codebook bookkeeping: the EMA update, then dead-code restart."""
         counts = torch.bincount(indices, minlength=self.num_embeddings).float()  # (K,)
-        embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_flat)  # (K, D)
-        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_embed_sum.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
-        n = self.ema_cluster_size.sum()
-        smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
-        self.codebook.weight.data.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+        if _distributed():
+            dist.all_reduce(counts)  # code use over the global batch
+        if self.ema:
+            # Appendix A.1: N_i <- decay N_i + (1-decay) n_i, m_i <- decay m_i + (1-decay) sum z,
+            # e_i = m_i / N_i, with Laplace smoothing of N_i so unused codes never divide by zero.
+            embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_flat)  # (K, D)
+            if _distributed():
+                dist.all_reduce(embed_sum)
+            self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_embed_sum.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
+            n = self.ema_cluster_size.sum()
+            smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
+            self.codebook.weight.data.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+        if self.restart_after > 0:
+            self.code_age.add_(1).masked_fill_(counts > 0, 0)
+            dead = (self.code_age >= self.restart_after).nonzero().flatten()
+            if len(dead):
+                N = z_flat.shape[0]
+                pick = (torch.randperm(N, device=z_flat.device)[:len(dead)] if N >= len(dead)
+                        else torch.randint(N, (len(dead),), device=z_flat.device))
+                self._set_codes(dead, z_flat[pick])
+                self.code_age[dead] = 0
+
+    @torch.no_grad()
+    def _set_codes(self, rows, vectors):
+        """Codes `rows` <- `vectors` (n, D), as rank 0 has them, with fresh EMA state N = 1, m = e."""
+        vectors = vectors.float().contiguous()
+        if _distributed():
+            dist.broadcast(vectors, src=0)
+        self.codebook.weight.data[rows] = vectors.to(self.codebook.weight.dtype)
+        if self.ema:
+            self.ema_cluster_size[rows] = 1.0
+            self.ema_embed_sum[rows] = vectors
 
 
 class VQVAE(nn.Module):
@@ -184,7 +272,7 @@ class VQVAE(nn.Module):
                                cfg.num_residual_layers, cfg.num_residual_hiddens)
         self.pre_vq_conv = nn.Conv2d(cfg.num_hiddens, cfg.embedding_dim, 1)
         self.vq = VectorQuantizer(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost,
-                                  cfg.ema, cfg.decay, cfg.epsilon)
+                                  cfg.ema, cfg.decay, cfg.epsilon, cfg.codebook_init, cfg.restart_after)
         self.decoder = Decoder(cfg.embedding_dim, cfg.num_hiddens, cfg.num_downsampling_layers,
                                cfg.num_residual_layers, cfg.num_residual_hiddens, cfg.in_channels)
 

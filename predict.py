@@ -3,8 +3,9 @@
 Usage: python predict.py [--checkpoint runs/NNN/best.pt] [--data_dir DIR] [--out_dir DIR]
 
 Defaults: the newest run's best.pt, the data that run was trained on, and RUN_DIR/predict/.
-Writes metrics.json, per_slice.csv, best_worst.png and every reconstruction as a .nii.gz on its
-source's grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
+Writes metrics.json (SSIM, PSNR, codebook usage and perplexity), per_slice.csv, best_worst.png,
+code_histogram.png (how often each code is used) and every reconstruction as a .nii.gz on its source's
+grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
 """
 import argparse
 import gzip
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from dataset import load_split, make_loader, resolve_data_dir, stem
 from modules import VQVAE, VQVAEConfig
 from utils import (ProjectError, atomic_write, codebook_stats, evaluate, latest_checkpoint,
-                   load_checkpoint, pick_device, run_main, save_comparison, write_csv, write_json)
+                   load_checkpoint, pick_device, run_main, save_code_histogram, save_comparison, write_csv,
+                   write_json)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 
@@ -26,7 +28,7 @@ NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 def load_model(ckpt, path, device):
     """Rebuild the VQ-VAE from the checkpoint's model_args alone."""
     try:
-        cfg = VQVAEConfig(**ckpt["model_args"])
+        cfg = VQVAEConfig.from_dict(ckpt["model_args"])
     except TypeError as e:
         raise ProjectError(f"{path} has model_args this version does not know ({e}); "
                            f"it is not a VQ-VAE checkpoint of this project") from None
@@ -98,9 +100,13 @@ def main(args):
                     res["recons"][pick], f"{args.split}: best {k} and worst {k} slices by SSIM",
                     model.cfg.num_embeddings,
                     [f"{stem(test_set.files[i])}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
+    save_code_histogram(out_dir / "code_histogram.png", res["counts"],
+                        f"{args.split}: code frequencies ({usage:.1%} of the codebook used, "
+                        f"perplexity {perplexity:.1f})")
     print(f"{args.split} SSIM {metrics['ssim_mean']:.4f} +- {metrics['ssim_std']:.4f} "
           f"(n={metrics['n']}), PSNR {metrics['psnr_mean']:.2f} dB")
-    print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png and recon/*.nii.gz")
+    print(f"codebook: {usage:.1%} of {model.cfg.num_embeddings} codes used, perplexity {perplexity:.1f}")
+    print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png, code_histogram.png and recon/*.nii.gz")
 
 
 def get_parser():

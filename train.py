@@ -3,8 +3,8 @@
 Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--ema] ...
 
 Writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt, metrics.csv,
-best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png, loss_per_batch.png and
-ssim_per_epoch.png.
+best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png, loss_per_batch.png,
+ssim_per_epoch.png and codebook_usage_per_epoch.png.
 """
 import argparse
 import math
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import load_split, make_loader, resolve_data_dir
-from modules import VQVAE, VQVAEConfig, latent_shape
+from modules import CODEBOOK_INITS, SEED_CODEBOOK, VQVAE, VQVAEConfig, latent_shape
 from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, evaluate, load_checkpoint, new_run_dir, pick_device,
                    run_main, save_checkpoint, save_comparison, save_curves, seed_everything, ssim,
                    to_unit, write_csv, write_json)
@@ -47,8 +47,8 @@ def resume_args(args):
     if path.name != "last.pt" and last.is_file() and load_checkpoint(last)["epoch"] > ckpt["epoch"]:
         raise ProjectError(f"{path} is from epoch {ckpt['epoch']} but the run went on (see {last}); "
                            f"resume the run folder {path.parent}, which continues from its last epoch")
-    old = ckpt["config"]
     defaults = vars(get_parser().parse_args([]))
+    old = {**defaults, **SEED_CODEBOOK, **ckpt["config"]}  # flags added since that run default to off
     free = {"resume", "epochs", "device", "out_dir"}
     def same(k, a, b):  # data folders compare as resolved paths
         return (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())) if k == "data_dir" else a == b
@@ -62,6 +62,17 @@ def resume_args(args):
     merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device,
                                    "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
     return ckpt, merged
+
+
+def lr_at(step, args, total_steps):
+    """Learning rate for optimizer step `step` (0-based): constant as in the seed, or linear warm-up
+    over --warmup_steps then cosine decay to 0 at the last step of --epochs."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def rng_state():
@@ -91,6 +102,9 @@ def main(args):
         h, w = latent_shape(image_size, args.num_downsampling_layers)
     except ValueError as e:
         raise ProjectError(f"--image_size: {e}") from None
+    for flag in ("restart_after", "warmup_steps", "ssim_weight"):
+        if getattr(args, flag) < 0:
+            raise ProjectError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if min(image_size) < SSIM_MIN_SIZE:
         raise ProjectError(f"--image_size must be at least {SSIM_MIN_SIZE} pixels each way (the SSIM window)")
 
@@ -141,6 +155,8 @@ def main(args):
         log(f"resumed {args.resume} after epoch {ckpt['epoch']} (best validation MSE {best_val:.4f})")
 
     # ---- loop
+    total_steps = args.epochs * len(train_loader)
+    step_count = (start_epoch - 1) * len(train_loader)  # optimizer steps taken so far (for the schedule)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         model.train()
@@ -151,6 +167,8 @@ def main(args):
             out = model(x)
             recon_loss = F.mse_loss(out["x_recon"], x)  # -log p(x|z_q) up to constants
             loss = recon_loss + out["vq_loss"]
+            if args.ssim_weight:  # the metric itself as a loss: the project's SSIM on [0, 1] images
+                loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
             batch_losses.append(loss.item())
             if not math.isfinite(batch_losses[-1]):
                 raise ProjectError(f"training loss is {batch_losses[-1]} at epoch {epoch}, step {step}; "
@@ -158,7 +176,10 @@ def main(args):
                                    f"{out_dir / 'last.pt'}); try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step_count, args, total_steps)
             optimizer.step()
+            step_count += 1
             with torch.no_grad():
                 train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
                 terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]])
@@ -199,7 +220,8 @@ def main(args):
         log(f"epoch {epoch:3d} | loss {tr[0]:.4f} (recon {tr[1]:.4f} codebook {tr[2]:.4f} "
             f"commit {tr[3]:.4f}) | val loss {val['loss']:.4f} recon {val['recon_loss']:.4f} "
             f"SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} | "
-            f"codes used {usage:.1%} perplexity {perplexity:.1f} | {row['seconds']:.0f}s"
+            f"codes used {usage:.1%} perplexity {perplexity:.1f} | lr {optimizer.param_groups[0]['lr']:.2g} | "
+            f"{row['seconds']:.0f}s"
             + (" | best" if improved else ""))
 
     save_curves(out_dir / "loss_per_batch.png", {"train loss": batch_losses}, "batch", "loss",
@@ -208,6 +230,9 @@ def main(args):
              for name, col in (("train SSIM", "train_ssim"), ("validation SSIM", "val_ssim"))}
     save_curves(out_dir / "ssim_per_epoch.png", ssims, "epoch", "SSIM (Gaussian, data range 1)",
                 "SSIM per epoch")
+    usage_curve = {"validation codes used (%)": [100 * r[METRICS.index("codebook_usage")] for r in rows]}
+    save_curves(out_dir / "codebook_usage_per_epoch.png", usage_curve, "epoch", "% of the codebook",
+                f"codebook usage over the validation split ({cfg.num_embeddings} codes)")
     log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     log_file.close()
 
@@ -240,6 +265,15 @@ def get_parser():
     p.add_argument("--ema", action="store_true", help="EMA codebook updates instead of the codebook loss")
     p.add_argument("--decay", type=float, default=d.decay, help="EMA decay (with --ema)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="EMA Laplace smoothing (with --ema)")
+    p.add_argument("--codebook_init", default=d.codebook_init, choices=CODEBOOK_INITS,
+                   help="uniform: the seed's +-1/K codes; kmeans: k-means of the first batch's encoder outputs")
+    p.add_argument("--restart_after", type=int, default=d.restart_after,
+                   help="re-seed a code unused for this many steps with a random encoder output; 0: never")
+    p.add_argument("--ssim_weight", type=float, default=0.0,
+                   help="adds ssim_weight * (1 - SSIM) to the MSE reconstruction loss; 0: MSE only")
+    p.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant as in the seed, or linear warm-up then cosine decay to 0")
+    p.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps (with --lr_schedule cosine)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",

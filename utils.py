@@ -294,7 +294,8 @@ def save_curves(path, series, xlabel, ylabel, title):
     """Line plot of {name: list of values}."""
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    many = len(series) > 3  # a long legend goes beside the axes, not over the lines
+    fig, ax = plt.subplots(figsize=(9 if many else 6, 3.5))
     for name, ys in series.items():
         xs = range(1, len(ys) + 1)
         ax.plot(xs, ys, label=name, marker="o" if len(ys) <= 50 else None, markersize=3)
@@ -302,6 +303,30 @@ def save_curves(path, series, xlabel, ylabel, title):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_code_histogram(path, counts, title):
+    """Bar chart of how often each code was chosen, codes sorted from most to least used.
+
+    counts: (K,) code use over a split. A healthy codebook is a long, gently falling tail; a collapsed
+    one is a few bars and then nothing.
+    """
+    plt = pyplot()
+
+    freq = (counts.double() / counts.sum().clamp_min(1)).sort(descending=True).values.numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(np.arange(1, len(freq) + 1), freq, width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlim(0, len(freq) + 1)
+    ax.set_xlabel(f"code rank (of {len(freq)}; {int((counts > 0).sum())} used)")
+    ax.set_ylabel("fraction of code-map positions")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)

@@ -15,7 +15,7 @@ def tiny_model(**kw):
 
 
 def test_shapes_follow_config():
-    model = VQVAE(VQVAEConfig())  # the seed configuration
+    model = VQVAE(VQVAEConfig())  # the default configuration
     x = torch.rand(2, 1, 256, 128) * 2 - 1
     out = model(x)
     assert out["x_recon"].shape == x.shape
@@ -130,3 +130,123 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     x = torch.rand(2, 1, 32, 16) * 2 - 1
     assert torch.equal(rebuilt(x)["x_recon"], model(x)["x_recon"])
     assert torch.equal(rebuilt.vq.ema_cluster_size, model.vq.ema_cluster_size)
+
+
+# ----------------------------------------------------------------------------- codebook health
+
+def far_data(n=256, d=8, seed=0):
+    """Encoder outputs far from the seed's +-1/K codes: the case built to collapse, since one code
+    is nearest to all of them and the others are never chosen. (1, d, n, 1) and (n, d)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g) + 5
+    return z.t().reshape(1, d, n, 1), z
+
+
+def used(vq, z_e):
+    return vq.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])).unique().numel()
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_kmeans_init_on_first_training_batch_only(ema):
+    z_e, z = far_data()
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 8, ema=ema, codebook_init="kmeans")
+    seed_codes = vq.codebook.weight.clone()
+    vq.eval()
+    vq(z_e)  # evaluation never initialises
+    assert not vq.initialized and torch.equal(vq.codebook.weight, seed_codes)
+    assert used(vq, z_e) == 1  # the collapse the initialisation is there to prevent
+    vq.train()
+    vq(z_e)
+    assert vq.initialized
+    assert used(vq, z_e) >= 28
+    # Each code is the mean of the vectors nearest to it (a k-means fixed point, up to its last step).
+    idx = vq.nearest(z)
+    means = torch.stack([z[idx == k].mean(0) for k in idx.unique()])
+    assert torch.allclose(vq.codebook.weight[idx.unique()], means, atol=0.3)
+    after = vq.codebook.weight.clone()
+    if not ema:  # later batches do not re-initialise (EMA codes move by their update, by design)
+        vq(far_data(seed=1)[0])
+        assert torch.equal(vq.codebook.weight, after)
+    if ema:
+        assert torch.allclose(vq.ema_embed_sum / vq.ema_cluster_size[:, None], vq.codebook.weight, atol=1.0)
+
+
+def test_unused_code_is_reseeded_from_encoder_outputs():
+    z_e, z = far_data(n=64)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 8, codebook_init="kmeans", restart_after=2)
+    vq(z_e)
+    vq.codebook.weight.data[3] = 1e3  # code 3 is now out of reach of every encoder output
+    vq(z_e)
+    assert vq.code_age[3] == 1 and torch.equal(vq.codebook.weight[3], torch.full((8,), 1e3))
+    vq.eval()
+    vq(z_e)  # no bookkeeping in eval mode
+    assert vq.code_age[3] == 1
+    vq.train()
+    vq(z_e)  # second step unused: re-seeded with one of this batch's encoder outputs
+    assert vq.code_age[3] == 0
+    assert (vq.codebook.weight[3] == z).all(1).any()
+    assert used(vq, z_e) == 4
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_restart_lifts_usage_on_a_collapsing_case(ema):
+    z_e, _ = far_data()
+    torch.manual_seed(0)
+    collapsed = VectorQuantizer(32, 8, ema=ema)
+    healthy = VectorQuantizer(32, 8, ema=ema, restart_after=1)
+    for _ in range(5):
+        collapsed(z_e)
+        healthy(z_e)
+    assert used(collapsed, z_e) == 1
+    assert used(healthy, z_e) >= 24
+
+
+def test_model_args_from_before_codebook_health_mean_the_seed_codebook():
+    old = {k: v for k, v in VQVAEConfig().to_dict().items() if k not in ("codebook_init", "restart_after")}
+    cfg = VQVAEConfig.from_dict(old)
+    assert cfg.codebook_init == "uniform" and cfg.restart_after == 0
+    assert VQVAEConfig.from_dict(VQVAEConfig().to_dict()) == VQVAEConfig()
+
+
+def test_codebook_state_is_in_the_checkpoint():
+    vq = VectorQuantizer(8, 4, ema=True, codebook_init="kmeans", restart_after=3)
+    assert {"initialized", "code_age", "ema_cluster_size", "ema_embed_sum"} <= set(vq.state_dict())
+    with pytest.raises(ValueError, match="codebook_init"):
+        VectorQuantizer(8, 4, codebook_init="random")
+
+
+def same_start(vq):
+    """The same seed codes wherever this runs, as DDP ensures by broadcasting rank 0's weights."""
+    vq.codebook.weight.data = torch.linspace(-1 / 32, 1 / 32, 32 * 8).view(32, 8)
+    if vq.ema:
+        vq.ema_embed_sum.copy_(vq.codebook.weight)
+    return vq
+
+
+def _ddp_worker(rank, world, init_file, results, kw):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different RNG streams per rank: restart picks must still agree
+    vq = same_start(VectorQuantizer(32, 8, **kw))
+    for step in range(6):
+        vq(far_data(n=64, seed=10 * step + rank)[0])  # each rank its own shard
+    results[rank] = vq.codebook.weight.detach().clone()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kw", [dict(ema=True), dict(ema=True, codebook_init="kmeans", restart_after=1),
+                                dict(codebook_init="kmeans", restart_after=1)])
+def test_codebook_agrees_across_distributed_ranks(kw, tmp_path):
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results, kw), nprocs=2)
+        a, b = results[0], results[1]
+    assert torch.equal(a, b)
+    if kw == dict(ema=True):  # all-reduced EMA statistics equal one process on the global batch
+        vq = same_start(VectorQuantizer(32, 8, ema=True))
+        for step in range(6):
+            vq(torch.cat([far_data(n=64, seed=10 * step + r)[0] for r in range(2)], 2))
+        assert torch.allclose(vq.codebook.weight, a, atol=1e-5)

@@ -41,7 +41,11 @@ def resume_data(tmp_path_factory):
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(resume_data, tmp_path):
-    flags = ["--data_dir", resume_data, "--epochs", "4", "--batch_size", "2", "--ema", *TINY_MODEL]
+    # Every piece of state a run carries: EMA buffers, k-means flag, code ages and the restarts' RNG
+    # draws, the schedule's step count.
+    flags = ["--data_dir", resume_data, "--epochs", "4", "--batch_size", "2", "--ema", "--codebook_init",
+             "kmeans", "--restart_after", "2", "--lr_schedule", "cosine", "--warmup_steps", "5",
+             "--ssim_weight", "0.1", *TINY_MODEL]
     ref = tmp_path / "ref"
     assert run("train.py", *flags, "--out_dir", ref, cwd=tmp_path).returncode == 0
 
@@ -193,6 +197,7 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--device", "gpu"], "not a device name"),
     (["--image_size", "30", "16"], "positive multiple of 4"),
     (["--image_size", "8", "8", "--num_downsampling_layers", "1"], "at least 11 pixels"),
+    (["--restart_after", "-1"], "--restart_after must be >= 0"),
 ])
 def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
     proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)

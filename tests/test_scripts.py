@@ -41,7 +41,8 @@ def trained(tiny_data, tmp_path_factory):
 def test_train_writes_every_file(trained):
     cwd, run_dir, proc = trained
     for name in ["config.json", "log.txt", "metrics.csv", "best.pt", "last.pt", "loss_per_batch.png",
-                 "ssim_per_epoch.png", "epoch_001_comparison.png", "epoch_002_comparison.png"]:
+                 "ssim_per_epoch.png", "codebook_usage_per_epoch.png", "epoch_001_comparison.png",
+                 "epoch_002_comparison.png"]:
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -75,8 +76,9 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
     assert proc.returncode == 0, proc.stderr
     out = run_dir / "predict"
     m = json.loads((out / "metrics.json").read_text())
-    for k in ["n", "ssim_mean", "ssim_std", "ssim_min", "ssim_max", "psnr_mean", "codebook_usage"]:
+    for k in ["n", "ssim_mean", "ssim_std", "ssim_min", "ssim_max", "psnr_mean", "codebook_usage", "perplexity"]:
         assert k in m
+    assert 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= m["codebook_usage"] * 32 + 1e-6
     sources = sorted((Path(tiny_data) / "keras_slices_test").glob("*.nii.gz"))
     assert m["n"] == len(sources) == 4 and m["checkpoint"].endswith("runs/001/best.pt")
     assert m["ssim_min"] <= m["ssim_mean"] <= m["ssim_max"]
@@ -84,7 +86,8 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
     rows = list(csv.DictReader(open(out / "per_slice.csv")))
     assert sorted(r["file"] for r in rows) == sorted(s.name for s in sources)
     assert np.mean([float(r["ssim"]) for r in rows]) == pytest.approx(m["ssim_mean"], abs=1e-5)
-    assert (out / "best_worst.png").is_file()
+    assert (out / "best_worst.png").is_file() and (out / "code_histogram.png").is_file()
+    assert f"codebook: {m['codebook_usage']:.1%} of 32 codes used" in proc.stdout
     for s in sources:
         rec = nib.load(out / "recon" / s.name.replace(".nii.gz", "_recon.nii.gz"))
         src = nib.load(s)
@@ -116,6 +119,32 @@ def test_scripts_show_defaults_in_help():
     for flag in ["--epochs", "--batch_size", "--lr", "--image_size", "--num_hiddens", "--num_residual_layers",
                  "--num_residual_hiddens", "--num_downsampling_layers", "--embedding_dim", "--num_embeddings",
                  "--commitment_cost", "--ema", "--decay", "--epsilon", "--seed", "--device", "--data_dir",
-                 "--out_dir"]:
+                 "--out_dir", "--codebook_init", "--restart_after", "--ssim_weight", "--lr_schedule",
+                 "--warmup_steps"]:
         assert flag in out
     assert "default: 512" in out and "default: 0.001" in out
+
+
+def test_learning_rate_schedules():
+    import train
+    args = train.get_parser().parse_args([])
+    assert all(train.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
+    args = train.get_parser().parse_args(["--lr_schedule", "cosine", "--warmup_steps", "10"])
+    lrs = [train.lr_at(k, args, 200) for k in range(200)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then only down
+    assert lrs[104] == pytest.approx(5e-4, rel=0.02) and lrs[-1] < 1e-6
+
+
+def test_every_study_configuration_is_a_valid_train_command():
+    import study
+    import train
+    seen = set()
+    for name, (label, flags) in study.CONFIGS.items():
+        args = train.get_parser().parse_args(flags)
+        key = (args.ema, args.codebook_init, args.restart_after, args.ssim_weight, args.lr_schedule)
+        assert key not in seen, name  # no two rows train the same thing
+        seen.add(key)
+        assert "," not in label  # labels go into study.csv unquoted
+    seed = train.get_parser().parse_args(study.CONFIGS["seed"][1])
+    assert (seed.ema, seed.codebook_init, seed.restart_after) == (False, "uniform", 0)
