@@ -9,6 +9,7 @@ grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3
 """
 import argparse
 import gzip
+import textwrap
 from pathlib import Path
 
 import nibabel as nib
@@ -99,7 +100,7 @@ def main(args):
     save_comparison(out_dir / "best_worst.png", test_set.images[pick].float(), res["indices"][pick],
                     res["recons"][pick], f"{args.split}: best {k} and worst {k} slices by SSIM",
                     model.cfg.num_embeddings,
-                    [f"{stem(test_set.files[i])}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
+                    [f"{textwrap.fill(stem(test_set.files[i]), 16)}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
     save_code_histogram(out_dir / "code_histogram.png", res["counts"],
                         f"{args.split}: code frequencies ({usage:.1%} of the codebook used, "
                         f"perplexity {perplexity:.1f})")

@@ -273,7 +273,7 @@ def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_ti
 
     n = inputs.shape[0]
     H, W = inputs.shape[-2:]
-    fig, axes = plt.subplots(n, 3, figsize=(3 * 1.6 * W / H + 0.4, 1.6 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(3 * 1.6 * W / H + 1.0, 1.6 * n + 0.6), squeeze=False)
     for i in range(n):
         panels = (inputs[i, 0], indices[i], recons[i, 0])
         for j, (ax, img) in enumerate(zip(axes[i], panels)):

@@ -9,10 +9,11 @@ from study import cut_standin
 from test_data import REAL
 from test_scripts import run
 
-EPOCHS = 20  # 60 Adam steps on the stand-in's 70 training slices
-# Measured: test SSIM 0.XXX and XX% of the codes at EPOCHS with the defaults (README, study table).
-MIN_SSIM = None
-MIN_USAGE = None
+EPOCHS = 40  # 120 Adam steps on the stand-in's 70 training slices
+# Measured with the defaults at EPOCHS: test SSIM 0.630 +- 0.023 and 72.3% of the codes on the test
+# slab. The seed configuration at the same budget: validation SSIM 0.30 with 0.6% of the codes.
+MIN_SSIM = 0.55
+MIN_USAGE = 0.50
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
