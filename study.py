@@ -36,7 +36,7 @@ CONFIGS = {  # name: (label in the table, flags)
 # that no split sees a neighbour of another's slice (adjacent slices are nearly identical).
 STANDIN_SLABS = {"validate": range(86, 96), "train": range(101, 171), "test": range(176, 186)}
 COLUMNS = ["config", "test_ssim_mean", "test_ssim_std", "test_psnr", "codebook_usage", "perplexity",
-           "train_seconds", "best_epoch", "command"]
+           "train_seconds", "best_epoch", "val_codebook_usage", "command"]
 
 
 def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
@@ -60,11 +60,16 @@ def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
     return out_dir
 
 
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_study(out_dir, names, data):
     """Validation SSIM and codebook usage per epoch of every configuration, one line each."""
     curves = {"val_ssim": {}, "codebook_usage": {}}
     for name in names:
-        history = list(csv.DictReader(open(Path(out_dir) / name / "metrics.csv")))
+        history = read_metrics(Path(out_dir) / name)
         for col, series in curves.items():
             series[CONFIGS[name][0]] = [float(r[col]) * (100 if col == "codebook_usage" else 1) for r in history]
     save_curves(Path(out_dir) / "study_val_ssim.png", curves["val_ssim"], "epoch", "validation SSIM",
@@ -87,17 +92,20 @@ def main(args):
         seconds = time.time() - t0
         predict.main(predict.get_parser().parse_args(["--checkpoint", str(run_dir / "best.pt")]))
         m = json.loads((run_dir / "predict" / "metrics.json").read_text())
+        last = read_metrics(run_dir)[-1]
         rows.append([label, m["ssim_mean"], m["ssim_std"], m["psnr_mean"], m["codebook_usage"],
-                     m["perplexity"], seconds, m["epoch"], "python train.py " + " ".join(flags)])
+                     m["perplexity"], seconds, m["epoch"], float(last["codebook_usage"]),
+                     "python train.py " + " ".join(flags)])
         write_csv(out_dir / "study.csv", COLUMNS, rows)  # after each row, so a long study keeps its rows
     plot_study(out_dir, names, args.data)
-    print("\n| configuration | test SSIM | PSNR (dB) | codes used | perplexity | train time | best epoch |")
+    print("\n| configuration | test SSIM | PSNR (dB) | codes used: test / validation | perplexity (test) "
+          "| train time | best epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} | {r[5]:.1f} | "
+        print(f"| {r[0]} | {r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | "
               f"{r[6] / 60:.1f} min | {r[7]} |")
     for r in rows:
-        print(f"- {r[0]}: `{r[8]}`")
+        print(f"- {r[0]}: `{r[9]}`")
 
 
 def get_parser():

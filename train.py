@@ -59,6 +59,10 @@ def resume_args(args):
         now = ", ".join(f"{k}={b}" for k, (_, b) in differ.items())
         raise ProjectError(f"cannot resume {path}: the run was made with {was} but this command asks "
                            f"{now}; drop those flags to resume it, or start a new run without --resume")
+    if old["lr_schedule"] == "cosine" and args.epochs and args.epochs != old["epochs"]:
+        raise ProjectError(f"cannot extend {path} to {args.epochs} epochs: its cosine schedule was laid out "
+                           f"over {old['epochs']} epochs and has decayed; resume without --epochs, or start "
+                           f"a new run")
     merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device,
                                    "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
     return ckpt, merged
@@ -114,6 +118,10 @@ def main(args):
     val_set = load_split(data_dir, "validate", image_size)
     train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
     val_loader = make_loader(val_set, args.batch_size)
+    total_steps = args.epochs * len(train_loader)
+    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
+        raise ProjectError(f"--warmup_steps {args.warmup_steps} is not shorter than the run ({total_steps} "
+                           f"steps), so the cosine schedule would never leave warm-up; lower --warmup_steps")
     fixed = torch.stack([val_loader.dataset[i] for i in range(min(NUM_COMPARISON, len(val_set.files)))])
 
     out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
@@ -155,7 +163,6 @@ def main(args):
         log(f"resumed {args.resume} after epoch {ckpt['epoch']} (best validation MSE {best_val:.4f})")
 
     # ---- loop
-    total_steps = args.epochs * len(train_loader)
     step_count = (start_epoch - 1) * len(train_loader)  # optimizer steps taken so far (for the schedule)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
@@ -167,7 +174,7 @@ def main(args):
             out = model(x)
             recon_loss = F.mse_loss(out["x_recon"], x)  # -log p(x|z_q) up to constants
             loss = recon_loss + out["vq_loss"]
-            if args.ssim_weight:  # the metric itself as a loss: the project's SSIM on [0, 1] images
+            if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
                 loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
             batch_losses.append(loss.item())
             if not math.isfinite(batch_losses[-1]):
@@ -225,7 +232,7 @@ def main(args):
             + (" | best" if improved else ""))
 
     save_curves(out_dir / "loss_per_batch.png", {"train loss": batch_losses}, "batch", "loss",
-                "training loss (MSE + VQ terms) per batch")
+                "training loss (MSE + VQ terms" + (" + SSIM term" if args.ssim_weight else "") + ") per batch")
     ssims = {name: [r[METRICS.index(col)] for r in rows]
              for name, col in (("train SSIM", "train_ssim"), ("validation SSIM", "val_ssim"))}
     save_curves(out_dir / "ssim_per_epoch.png", ssims, "epoch", "SSIM (Gaussian, data range 1)",

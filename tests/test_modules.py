@@ -1,4 +1,6 @@
 """Invariants of the VQ-VAE: index round trip, straight-through gradients, loss terms, EMA."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,7 +244,13 @@ def test_codebook_agrees_across_distributed_ranks(kw, tmp_path):
     import torch.multiprocessing as mp
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results, kw), nprocs=2)
+        ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results, kw), nprocs=2, join=False)
+        deadline = time.time() + 120  # a collective that only one rank calls would hang, not fail
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail("distributed ranks did not finish: a collective is called on one rank only")
         a, b = results[0], results[1]
     assert torch.equal(a, b)
     if kw == dict(ema=True):  # all-reduced EMA statistics equal one process on the global batch

@@ -94,6 +94,14 @@ def test_resume_refuses_other_flags_and_extends_epochs(tiny_data, tmp_path):
         assert_clean_error(run("train.py", "--resume", run_dir / "best.pt", cwd=tmp_path), "resume the run folder")
 
 
+def test_a_cosine_run_is_not_extended(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = ["--lr_schedule", "cosine", "--warmup_steps", "1"]
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
+    assert_clean_error(run("train.py", "--resume", run_dir, "--epochs", "5", cwd=tmp_path),
+                       "cannot extend", "cosine schedule was laid out over 2 epochs")
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # 8 train slices in batches of 4: steps 1-2 are epoch 1; step 3 (epoch 2, step 1) leaves NaN
@@ -198,6 +206,7 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--image_size", "30", "16"], "positive multiple of 4"),
     (["--image_size", "8", "8", "--num_downsampling_layers", "1"], "at least 11 pixels"),
     (["--restart_after", "-1"], "--restart_after must be >= 0"),
+    (["--lr_schedule", "cosine", "--warmup_steps", "4"], "would never leave warm-up"),
 ])
 def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
     proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)
