@@ -26,13 +26,18 @@ def _nearest(z, e):
     return dist2.argmin(1)
 
 
+def _random_rows(z, n):
+    """n random rows of z (N, D) by the global torch RNG: distinct when N >= n, else with replacement."""
+    N = z.shape[0]
+    pick = torch.randperm(N, device=z.device)[:n] if N >= n else torch.randint(N, (n,), device=z.device)
+    return z[pick]
+
+
 def kmeans(z, k, iters=KMEANS_ITERS):
     """Lloyd's k-means. z: (N, D) -> (k, D) centres, seeded from k distinct random rows of z
     (drawn with replacement when N < k) by the global torch RNG. A centre that loses all its
     points keeps its seed, so no centre is ever empty or NaN."""
-    N = z.shape[0]
-    pick = torch.randperm(N, device=z.device)[:k] if N >= k else torch.randint(N, (k,), device=z.device)
-    centres = z[pick].float().clone()
+    centres = _random_rows(z, k).float().clone()
     for _ in range(iters):
         assign = _nearest(z, centres)
         counts = torch.bincount(assign, minlength=k)
@@ -150,7 +155,8 @@ class VectorQuantizer(nn.Module):
     With `ema=True` the codebook is not trained by gradients but by exponential moving averages of
     the encoder outputs assigned to each code (paper, appendix A.1), updated in train mode only.
 
-    Codebook health, both off in the seed configuration and acting in train mode only:
+    Codebook health, acting in train mode only; this class defaults to the seed (both off), while
+    VQVAEConfig, and so train.py, turns both on:
     - codebook_init="kmeans": on the first training batch the codebook is set to k-means centres of
       the encoder outputs, so every code starts where the data is (the seed's +-1/K codes sit in a
       tiny ball that one code wins for every input, which is how the codebook collapses);
@@ -244,10 +250,7 @@ class VectorQuantizer(nn.Module):
             self.code_age.add_(1).masked_fill_(counts > 0, 0)
             dead = (self.code_age >= self.restart_after).nonzero().flatten()
             if len(dead):
-                N = z_flat.shape[0]
-                pick = (torch.randperm(N, device=z_flat.device)[:len(dead)] if N >= len(dead)
-                        else torch.randint(N, (len(dead),), device=z_flat.device))
-                self._set_codes(dead, z_flat[pick])
+                self._set_codes(dead, _random_rows(z_flat, len(dead)))
                 self.code_age[dead] = 0
 
     @torch.no_grad()

@@ -8,7 +8,6 @@ code_histogram.png (how often each code is used) and every reconstruction as a .
 grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
 """
 import argparse
-import gzip
 import textwrap
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import torch.nn.functional as F
 
 from dataset import load_split, make_loader, resolve_data_dir, stem
 from modules import VQVAE, VQVAEConfig
-from utils import (ProjectError, atomic_write, codebook_stats, evaluate, latest_checkpoint,
+from utils import (ProjectError, codebook_stats, evaluate, latest_checkpoint,
                    load_checkpoint, pick_device, run_main, save_code_histogram, save_comparison, write_csv,
-                   write_json)
+                   write_json, write_nifti_gz)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 
@@ -55,7 +54,7 @@ def save_recon(path, recon, source, shape, value_range):
     header.set_data_dtype(np.float32)
     data = data.reshape(src.shape)  # keep a singleton axis if the source had one
     img = nib.Nifti1Image(data.astype(np.float32), src.affine, header)
-    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6)))
+    write_nifti_gz(path, img)
 
 
 def main(args):

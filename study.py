@@ -9,7 +9,6 @@ OUT_DIR/data. Writes OUT_DIR/study.csv, study_val_ssim.png and study_codebook_us
 """
 import argparse
 import csv
-import gzip
 import json
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 import predict
 import train
-from utils import ProjectError, atomic_write, run_main, save_curves, write_csv
+from utils import ProjectError, run_main, save_curves, write_csv, write_nifti_gz
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 SEED = ["--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
@@ -57,9 +56,8 @@ def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
         folder.mkdir(parents=True, exist_ok=True)
         for k in ks:
             data = np.asarray(img.dataobj[:, k, :])
-            img_k = nib.Nifti1Image(data, affine)
-            atomic_write(folder / f"{volume.name.split('.')[0]}_slice_{k:03d}.nii.gz",
-                         lambda f: f.write(gzip.compress(img_k.to_bytes(), compresslevel=6)))
+            write_nifti_gz(folder / f"{volume.name.split('.')[0]}_slice_{k:03d}.nii.gz",
+                           nib.Nifti1Image(data, affine))
     return out_dir
 
 

@@ -1,5 +1,6 @@
 """Shared helpers: the project error, device and seeding, SSIM and PSNR, codebook statistics,
 checkpoints and run folders, evaluation, and figures."""
+import gzip
 import json
 import os
 import pickle
@@ -180,6 +181,11 @@ def save_checkpoint(path, ckpt):
 
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_nifti_gz(path, img):
+    """A nibabel image -> gzipped NIfTI at `path`, through the one atomic writer."""
+    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6)))
 
 
 def write_csv(path, header, rows):
