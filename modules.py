@@ -301,3 +301,136 @@ class VQVAE(nn.Module):
     def decode_indices(self, indices):
         """indices: (B, h, w) long -> x_recon (B, C, H, W), roughly in [-1, 1]."""
         return self.decoder(self.vq.embed(indices))
+
+
+# ----------------------------------------------------------------------------- prior over code maps
+
+@dataclass
+class PriorConfig:
+    """Prior hyperparameters; saved in prior checkpoints as the plain dict `model_args`."""
+    num_embeddings: int = 512  # codes of the VQ-VAE; token num_embeddings is the start token
+    latent_h: int = 32  # code-map rows (image height / 2**num_downsampling_layers)
+    latent_w: int = 16  # code-map columns
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_dim: int = 128
+    dropout: float = 0.1
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions <= t only."""
+
+    def __init__(self, hidden_dim, num_heads):
+        super().__init__()
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x, cache=None, pos=0):
+        """x: (B, T, C) -> (B, T, C). With a cache (keys and values (B, heads, L, C/heads) of the
+        positions before `pos`), x is the single position `pos`, whose key and value are added to it."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, heads, T, C/heads)
+                   for t in self.qkv(x).split(C, dim=2))
+        if cache is None:
+            # No dropout on the attention weights: it forces the slow unfused kernel on the CPU.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # sampling: one new position attends to itself and everything before it
+            cache["k"][:, :, pos:pos + T], cache["v"][:, :, pos:pos + T] = k, v
+            y = F.scaled_dot_product_attention(q, cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T])
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, hidden_dim, num_heads, dropout):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.attn = CausalSelfAttention(hidden_dim, num_heads)
+        self.ln_2 = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.GELU(),
+                                 nn.Linear(4 * hidden_dim, hidden_dim), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CodePrior(nn.Module):
+    """Autoregressive prior p(z) = prod_i p(z_i | z_<i) over a VQ-VAE's code maps in raster order
+    (row by row, left to right): a small causal transformer, as in VQGAN (Esser et al. 2021), with
+    a start token so the first code has a distribution too. Sampling keeps a key/value cache, so each
+    of the h*w steps costs one position, not the whole sequence."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seq_len = cfg.latent_h * cfg.latent_w
+        self.start_token = cfg.num_embeddings
+        self.tok_emb = nn.Embedding(cfg.num_embeddings + 1, cfg.hidden_dim)
+        self.pos_emb = nn.Embedding(self.seq_len, cfg.hidden_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout)
+                                     for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden_dim)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _embed(self, tokens, pos):
+        """tokens (B, T) at positions pos..pos+T-1 -> (B, T, C)."""
+        positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+
+    def forward(self, indices):
+        """indices: (B, h, w) codes -> logits (B, h*w, K); logits[:, i] scores code i given codes < i."""
+        seq = indices.flatten(1)  # (B, L), raster order
+        start = seq.new_full((seq.shape[0], 1), self.start_token)
+        x = self._embed(torch.cat([start, seq[:, :-1]], 1), 0)  # inputs shifted right by one
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, L, K)
+
+    def nll(self, indices):
+        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
+        logits = self(indices)
+        return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None):
+        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i) / temperature, keeping only the
+        top_k most likely codes at each step when top_k > 0. `generator` seeds the draws."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        device = self.pos_emb.weight.device
+        C, heads = self.cfg.hidden_dim, self.cfg.num_heads
+        caches = [{"k": torch.empty(n, heads, self.seq_len, C // heads, device=device),
+                   "v": torch.empty(n, heads, self.seq_len, C // heads, device=device)} for _ in self.blocks]
+        out = torch.empty(n, self.seq_len, dtype=torch.long, device=device)
+        token = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
+        for i in range(self.seq_len):
+            x = self._embed(token, i)  # (n, 1, C)
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, cache, i)
+            logits = self.head(self.ln_f(x[:, -1])).float() / temperature  # (n, K)
+            if 0 < top_k < logits.shape[1]:
+                kth = logits.topk(top_k, dim=1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator)  # (n, 1)
+            out[:, i] = token[:, 0]
+        self.train(was_training)
+        return out.view(n, self.cfg.latent_h, self.cfg.latent_w)

