@@ -305,16 +305,21 @@ class VQVAE(nn.Module):
 
 # ----------------------------------------------------------------------------- prior over code maps
 
+PRIOR_ARCHS = ("transformer", "pixelcnn")
+
+
 @dataclass
 class PriorConfig:
     """Prior hyperparameters; saved in prior checkpoints as the plain dict `model_args`."""
     num_embeddings: int = 512  # codes of the VQ-VAE; token num_embeddings is the start token
     latent_h: int = 32  # code-map rows (image height / 2**num_downsampling_layers)
     latent_w: int = 16  # code-map columns
+    arch: str = "transformer"  # or "pixelcnn", the gated PixelCNN of the VQ-VAE paper
     num_layers: int = 4
-    num_heads: int = 4
+    num_heads: int = 4  # transformer only
     hidden_dim: int = 128
     dropout: float = 0.1
+    kernel_size: int = 5  # pixelcnn only: width of the masked convolutions
 
     def to_dict(self):
         return asdict(self)
@@ -362,11 +367,108 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class CodePrior(nn.Module):
-    """Autoregressive prior p(z) = prod_i p(z_i | z_<i) over a VQ-VAE's code maps in raster order
-    (row by row, left to right): a small causal transformer, as in VQGAN (Esser et al. 2021), with
-    a start token so the first code has a distribution too. Sampling keeps a key/value cache, so each
-    of the h*w steps costs one position, not the whole sequence."""
+def _draw(logits, temperature, top_k, generator):
+    """logits (n, K) -> (n, 1) codes drawn from softmax(logits / temperature), restricted to the
+    top_k most likely codes when top_k > 0."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[1]:
+        kth = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator)
+
+
+class AutoregressivePrior(nn.Module):
+    """p(z) = prod_i p(z_i | z_<i) over a VQ-VAE's code maps in raster order (row by row, left to
+    right). Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position i sees codes < i."""
+
+    def nll(self, indices):
+        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
+        logits = self(indices)
+        return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None):
+        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i) / temperature, keeping only the
+        top_k most likely codes at each step when top_k > 0. `generator` seeds the draws. This generic
+        version reruns the whole map per code (h*w passes); the transformer overrides it with a cache."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        h, w = self.cfg.latent_h, self.cfg.latent_w
+        codes = torch.zeros(n, h * w, dtype=torch.long, device=next(self.parameters()).device)
+        for i in range(h * w):
+            codes[:, i] = _draw(self(codes.view(n, h, w))[:, i], temperature, top_k, generator)[:, 0]
+        self.train(was_training)
+        return codes.view(n, h, w)
+
+
+class GatedMaskedLayer(nn.Module):
+    """One layer of the gated PixelCNN (van den Oord et al. 2016): a vertical stack that sees the rows
+    above, a horizontal stack that sees the current row to the left and the vertical stack, each
+    gated as tanh(a) * sigmoid(b), with residual connections. Causality comes from padding only on
+    the top (vertical) and left (horizontal) sides of kernels that end at the current position."""
+
+    def __init__(self, dim, kernel_size):
+        super().__init__()
+        self.p = kernel_size // 2
+        self.v_conv = nn.Conv2d(dim, 2 * dim, (self.p + 1, kernel_size))  # rows r-p..r, cols c-p..c+p
+        self.v_to_h = nn.Conv2d(2 * dim, 2 * dim, 1)
+        self.h_conv = nn.Conv2d(dim, 2 * dim, (1, self.p + 1))  # cols c-p..c of row r
+        self.h_out = nn.Conv2d(dim, dim, 1)
+
+    @staticmethod
+    def gate(x):
+        a, b = x.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def forward(self, v, h):
+        p = self.p
+        v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))  # (B, 2C, h, w)
+        h_feat = self.h_conv(F.pad(h, (p, 0, 0, 0))) + self.v_to_h(v_feat)
+        return v + self.gate(v_feat), h + self.h_out(self.gate(h_feat))
+
+
+class GatedPixelCNN(AutoregressivePrior):
+    """The VQ-VAE paper's prior: a gated PixelCNN over the code map. The inputs are shifted once, the
+    vertical stack's down by a row and the horizontal stack's right by a column, so every later layer
+    may include its own position and the logits at (r, c) see exactly the codes before it in raster
+    order (rows above within the receptive field, and the current row to the left)."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.num_embeddings, cfg.hidden_dim)
+        self.layers = nn.ModuleList([GatedMaskedLayer(cfg.hidden_dim, cfg.kernel_size)
+                                     for _ in range(cfg.num_layers)])
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden_dim, cfg.hidden_dim, 1), nn.ReLU(),
+                                  nn.Conv2d(cfg.hidden_dim, cfg.num_embeddings, 1))
+
+    def forward(self, indices):
+        """indices: (B, h, w) -> logits (B, h*w, K); logits[:, i] scores code i given codes < i."""
+        x = self.embed(indices).permute(0, 3, 1, 2)  # (B, C, h, w)
+        v = F.pad(x, (0, 0, 1, 0))[:, :, :-1]  # row r holds row r-1: the rows above only
+        h = F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]  # column c holds column c-1: the left only
+        for layer in self.layers:
+            v, h = layer(v, h)
+        logits = self.head(self.drop(h))  # (B, K, h, w)
+        return logits.flatten(2).transpose(1, 2)  # (B, h*w, K)
+
+
+def build_prior(cfg: PriorConfig):
+    """The prior that cfg.arch names."""
+    if cfg.arch not in PRIOR_ARCHS:
+        raise ValueError(f"prior arch must be one of {PRIOR_ARCHS}, got {cfg.arch!r}")
+    if cfg.arch == "pixelcnn" and cfg.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (centred on the current column), got {cfg.kernel_size}")
+    return (CodePrior if cfg.arch == "transformer" else GatedPixelCNN)(cfg)
+
+
+class CodePrior(AutoregressivePrior):
+    """A small causal transformer over the raster-ordered codes, as in VQGAN (Esser et al. 2021),
+    with a start token so the first code has a distribution too. Sampling keeps a key/value cache,
+    so each of the h*w steps costs one position, not the whole sequence."""
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
@@ -403,15 +505,9 @@ class CodePrior(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))  # (B, L, K)
 
-    def nll(self, indices):
-        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
-        logits = self(indices)
-        return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
-
     @torch.no_grad()
     def sample(self, n, temperature=1.0, top_k=0, generator=None):
-        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i) / temperature, keeping only the
-        top_k most likely codes at each step when top_k > 0. `generator` seeds the draws."""
+        """As AutoregressivePrior.sample, one position per step through the key/value cache."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         was_training = self.training
@@ -426,11 +522,7 @@ class CodePrior(nn.Module):
             x = self._embed(token, i)  # (n, 1, C)
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache, i)
-            logits = self.head(self.ln_f(x[:, -1])).float() / temperature  # (n, K)
-            if 0 < top_k < logits.shape[1]:
-                kth = logits.topk(top_k, dim=1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator)  # (n, 1)
+            token = _draw(self.head(self.ln_f(x[:, -1])), temperature, top_k, generator)  # (n, 1)
             out[:, i] = token[:, 0]
         self.train(was_training)
         return out.view(n, self.cfg.latent_h, self.cfg.latent_w)

@@ -68,8 +68,6 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
         raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {args.checkpoint or run_dir / 'best.pt'}; "
                            f"train a prior for this one with `python train.py --stage prior --resume {run_dir}`")
     prior = load_prior(prior_ckpt, prior_path, device)
-    if args.temperature <= 0 or args.top_k < 0:
-        raise ProjectError(f"--temperature must be > 0 and --top_k >= 0, got {args.temperature} and {args.top_k}")
 
     # ---- sample and decode, timed
     g = torch.Generator(device).manual_seed(args.seed)
@@ -131,6 +129,9 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
 
 def main(args):
     # ---- setup
+    if args.temperature <= 0 or args.top_k < 0 or args.num_samples < 0:
+        raise ProjectError(f"--temperature must be > 0 and --top_k and --num_samples >= 0, got "
+                           f"{args.temperature}, {args.top_k} and {args.num_samples}")
     device = pick_device(args.device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import load_split, make_loader, resolve_data_dir
-from modules import CODEBOOK_INITS, SEED_CODEBOOK, VQVAE, CodePrior, PriorConfig, VQVAEConfig, latent_shape
+from modules import (CODEBOOK_INITS, PRIOR_ARCHS, SEED_CODEBOOK, VQVAE, PriorConfig, VQVAEConfig, build_prior,
+                     latent_shape)
 from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, encode_split, evaluate, fingerprint,
                    load_checkpoint, load_vqvae, new_run_dir, pick_device, prior_nll_bits, run_main,
                    save_checkpoint, save_comparison, save_curves, save_image_grid, seed_everything, ssim,
@@ -33,7 +34,7 @@ METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "tr
 PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "seconds"]
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 DEFAULT_EPOCHS = 20
-DEFAULT_PRIOR_EPOCHS = 15
+DEFAULT_PRIOR_EPOCHS = 18
 BITS = 1 / math.log(2)  # nats -> bits
 
 
@@ -134,8 +135,29 @@ def open_log(path):
     return log
 
 
+def prior_config(args, num_embeddings=512, latent_h=32, latent_w=16):
+    return PriorConfig(num_embeddings=num_embeddings, latent_h=latent_h, latent_w=latent_w, arch=args.prior_arch,
+                       num_layers=args.prior_num_layers, num_heads=args.prior_num_heads,
+                       hidden_dim=args.prior_hidden_dim, dropout=args.prior_dropout,
+                       kernel_size=args.prior_kernel_size)
+
+
+def check_prior_flags(args):
+    """Refuse bad prior flags up front, not after the VQ-VAE stage has run."""
+    for flag in ("prior_epochs", "prior_batch_size", "prior_num_samples", "prior_num_layers", "prior_hidden_dim"):
+        if getattr(args, flag) < 1:
+            raise ProjectError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    try:
+        build_prior(prior_config(args))
+    except ValueError as e:
+        raise ProjectError(f"prior: {e}; change --prior_hidden_dim, --prior_num_heads or "
+                           f"--prior_kernel_size") from None
+
+
 def main(args):
     """Stage 1, the VQ-VAE, then stage 2, the prior over its codes (--stage picks one)."""
+    if args.stage != "vqvae":
+        check_prior_flags(args)
     if args.stage == "prior":
         if not args.resume:
             raise ProjectError("--stage prior trains a prior for an existing VQ-VAE run: name the run "
@@ -298,16 +320,15 @@ def train_prior(args, run_dir):
     # ---- setup
     vq_path, last_path = run_dir / "best.pt", run_dir / "prior_last.pt"
     vq_ckpt = load_checkpoint(vq_path)
+    vq_id = fingerprint(vq_ckpt["model"])  # the prior is valid for exactly these weights
     ckpt = None
     if last_path.is_file():
         ckpt = load_checkpoint(last_path, kind="prior")
         args = prior_resume_args(args, ckpt, last_path)
-        if ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
+        if ckpt["vqvae"] != vq_id:
             raise ProjectError(f"{last_path} learned the codes of an earlier {vq_path} (the VQ-VAE changed "
                                f"since); delete {run_dir}/prior_*.pt to train a new prior on this one")
-    for flag in ("prior_epochs", "prior_batch_size", "prior_num_samples"):
-        if getattr(args, flag) < 1:
-            raise ProjectError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_prior_flags(args)
     seed_everything(args.seed)
     device = pick_device(args.device)
     log = open_log(run_dir / "log.txt")
@@ -327,15 +348,10 @@ def train_prior(args, run_dir):
 
     # ---- model
     h, w = codes["train"].shape[1:]
-    cfg = PriorConfig(num_embeddings=vqvae.cfg.num_embeddings, latent_h=h, latent_w=w,
-                      num_layers=args.prior_num_layers, num_heads=args.prior_num_heads,
-                      hidden_dim=args.prior_hidden_dim, dropout=args.prior_dropout)
-    try:
-        prior = CodePrior(cfg).to(device)
-    except ValueError as e:
-        raise ProjectError(f"prior: {e}; change --prior_hidden_dim or --prior_num_heads") from None
-    log(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, causal transformer "
-        f"over {h}x{w} = {h * w} codes; {n_train} train / {len(codes['validate'])} validation code maps")
+    cfg = prior_config(args, vqvae.cfg.num_embeddings, h, w)
+    prior = build_prior(cfg).to(device)
+    log(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, {cfg.arch} over "
+        f"{h}x{w} = {h * w} codes; {n_train} train / {len(codes['validate'])} validation code maps")
 
     # ---- optimizer
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=args.prior_weight_decay)
@@ -383,7 +399,7 @@ def train_prior(args, run_dir):
         best_val = min(best_val, val_bits)
         ckpt = {"model": prior.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_val": best_val, "model_args": cfg.to_dict(), "config": config, "kind": "prior",
-                "vqvae": fingerprint(vq_ckpt["model"]), "rng": {**rng_state(), "order": order.get_state()},
+                "vqvae": vq_id, "rng": {**rng_state(), "order": order.get_state()},
                 "history": {"rows": rows}}
         write_csv(run_dir / "prior_metrics.csv", PRIOR_METRICS, rows)
         if improved:
@@ -446,11 +462,15 @@ def get_parser():
     pd = PriorConfig()
     p.add_argument("--prior_epochs", type=int, default=DEFAULT_PRIOR_EPOCHS, help="passes over the training codes")
     p.add_argument("--prior_batch_size", type=int, default=32, help="code maps per AdamW step")
-    p.add_argument("--prior_lr", type=float, default=1e-3, help="AdamW learning rate of the prior")
+    p.add_argument("--prior_lr", type=float, default=2e-3, help="AdamW learning rate of the prior")
     p.add_argument("--prior_weight_decay", type=float, default=0.01, help="AdamW weight decay of the prior")
-    p.add_argument("--prior_num_layers", type=int, default=pd.num_layers, help="transformer blocks")
-    p.add_argument("--prior_num_heads", type=int, default=pd.num_heads, help="attention heads per block")
-    p.add_argument("--prior_hidden_dim", type=int, default=pd.hidden_dim, help="width of the transformer")
+    p.add_argument("--prior_arch", default=pd.arch, choices=PRIOR_ARCHS,
+                   help="causal transformer (sampling with a key/value cache) or the paper's gated PixelCNN")
+    p.add_argument("--prior_num_layers", type=int, default=pd.num_layers, help="transformer blocks or PixelCNN layers")
+    p.add_argument("--prior_num_heads", type=int, default=pd.num_heads, help="attention heads per block (transformer)")
+    p.add_argument("--prior_hidden_dim", type=int, default=pd.hidden_dim, help="width of the prior")
+    p.add_argument("--prior_kernel_size", type=int, default=pd.kernel_size,
+                   help="masked convolution width (pixelcnn)")
     p.add_argument("--prior_dropout", type=float, default=pd.dropout, help="dropout on embeddings and MLPs")
     p.add_argument("--prior_num_samples", type=int, default=16, help="samples in each epoch's grid")
     return p

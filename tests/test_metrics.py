@@ -102,3 +102,15 @@ def test_features_match_the_packaged_fid_pipeline():
     theirs = helper.extract_feats(x.expand(-1, 3, -1, -1), data_range=(0, 1), resize_hw=(299, 299),
                                   resample_mode="nv_bilinear_float", quant=False)
     assert np.abs(inception_features(x, "cpu") - theirs).max() < 1e-4
+
+
+def test_max_ssim_to_is_the_best_pairwise_ssim():
+    """Memorisation's nearest-neighbour search gives the same value and index as `ssim` over all pairs."""
+    from utils import max_ssim_to
+    g = torch.Generator().manual_seed(0)
+    refs = torch.rand(9, 1, 24, 16, generator=g)
+    queries = torch.cat([refs[[4]], torch.rand(3, 1, 24, 16, generator=g)])  # the first is refs[4] itself
+    best, where = max_ssim_to(queries, refs, "cpu", chunk=4)
+    brute = torch.stack([ssim(q[None].expand_as(refs), refs) for q in queries])  # (4, 9)
+    assert torch.allclose(best, brute.max(1).values, atol=1e-6) and torch.equal(where, brute.argmax(1))
+    assert where[0] == 4 and best[0] == pytest.approx(1.0, abs=1e-6)

@@ -4,21 +4,22 @@ import math
 import pytest
 import torch
 
-from modules import VQVAE, CodePrior, PriorConfig, VQVAEConfig
+from modules import PRIOR_ARCHS, VQVAE, CodePrior, PriorConfig, VQVAEConfig, build_prior
 
 TINY_PRIOR = dict(num_embeddings=16, latent_h=4, latent_w=3, num_layers=2, num_heads=2, hidden_dim=16,
-                  dropout=0.0)
+                  dropout=0.0, kernel_size=3)
 
 
 def tiny_prior(**kw):
     torch.manual_seed(0)
-    return CodePrior(PriorConfig(**{**TINY_PRIOR, **kw})).eval()
+    return build_prior(PriorConfig(**{**TINY_PRIOR, **kw})).eval()
 
 
-@pytest.mark.parametrize("i", [0, 5, 11])
-def test_prior_is_causal(i):
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("i", [0, 2, 5, 11])
+def test_prior_is_causal(arch, i):
     """Changing the code at raster position i changes no logit at positions <= i, and some after it."""
-    prior = tiny_prior()
+    prior = tiny_prior(arch=arch)
     codes = torch.randint(16, (2, 4, 3))
     changed = codes.clone().flatten(1)
     changed[:, i] = (changed[:, i] + 1) % 16
@@ -28,16 +29,18 @@ def test_prior_is_causal(i):
         assert not torch.allclose(a[:, i + 1:], b[:, i + 1:])
 
 
-def test_cached_sampling_matches_the_full_forward():
-    """Greedy sampling (top_k=1) through the key/value cache picks, at every position, the argmax
-    of the full causal forward pass over the finished code map."""
-    prior = tiny_prior()
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_sampling_matches_the_full_forward(arch):
+    """Greedy sampling (top_k=1), through the transformer's key/value cache or the PixelCNN's
+    reruns, picks at every position the argmax of one full forward pass over the finished map."""
+    prior = tiny_prior(arch=arch)
     codes = prior.sample(5, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(prior(codes).argmax(-1), codes.flatten(1))
 
 
-def test_samples_are_valid_codes_that_decode_to_images():
-    prior = tiny_prior(num_embeddings=32, latent_h=8, latent_w=4)
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_samples_are_valid_codes_that_decode_to_images(arch):
+    prior = tiny_prior(arch=arch, num_embeddings=32, latent_h=8, latent_w=4)
     g = torch.Generator().manual_seed(0)
     codes = prior.sample(6, temperature=1.3, generator=g)
     assert codes.shape == (6, 8, 4) and codes.dtype == torch.long
@@ -56,10 +59,11 @@ def test_samples_are_valid_codes_that_decode_to_images():
     assert ranks.gather(2, top3.flatten(1)[..., None]).max() < 3
 
 
-def test_prior_overfits_a_tiny_code_set():
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_prior_overfits_a_tiny_code_set(arch):
     """Four fixed code maps are learnt: every code after the first is predicted with certainty, and
-    the first, which only the start token precedes, gets the four maps' first codes at 1/4 each."""
-    prior = tiny_prior(hidden_dim=32)
+    the first, which nothing precedes, gets the four maps' first codes at 1/4 each."""
+    prior = tiny_prior(arch=arch, hidden_dim=32)
     prior.train()
     codes = torch.randint(16, (4, 4, 3), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(prior.parameters(), lr=3e-3)
@@ -78,8 +82,10 @@ def test_prior_overfits_a_tiny_code_set():
     assert any(torch.equal(sample[0], c) for c in codes)
 
 
-def test_prior_rejects_heads_that_do_not_divide_the_width():
+def test_prior_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         CodePrior(PriorConfig(hidden_dim=10, num_heads=4))
+    with pytest.raises(ValueError, match="odd"):
+        build_prior(PriorConfig(arch="pixelcnn", kernel_size=4))
     with pytest.raises(ValueError, match="temperature"):
         tiny_prior().sample(1, temperature=0)

@@ -19,7 +19,8 @@ MIN_USAGE = 0.50
 @pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
 def test_defaults_on_the_real_standin_keep_the_codebook_and_reconstruct(tmp_path):
     data = cut_standin(REAL, tmp_path / "standin")
-    proc = run("train.py", "--data_dir", data, "--epochs", EPOCHS, "--out_dir", tmp_path / "run", cwd=tmp_path)
+    proc = run("train.py", "--data_dir", data, "--epochs", EPOCHS, "--stage", "vqvae", "--out_dir", tmp_path / "run",
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     proc = run("predict.py", "--checkpoint", tmp_path / "run" / "best.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -68,7 +68,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(resume_data, tmp_path):
     assert f"resumed {killed} after epoch {done}" in (killed / "log.txt").read_text()
     # Bit-identical on the CPU: every metric but wall time, and every tensor of both checkpoints.
     assert metrics_without_time(killed) == metrics_without_time(ref)
-    for name in ("last.pt", "best.pt"):
+    # ... and the prior that followed the resumed VQ-VAE stage is the same prior.
+    for name in ("last.pt", "best.pt", "prior_last.pt", "prior_best.pt"):
         a = torch.load(ref / name, weights_only=True)
         b = torch.load(killed / name, weights_only=True)
         assert a["epoch"] == b["epoch"] and a["best_val"] == b["best_val"]
@@ -148,6 +149,45 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_prior_resume_continues_the_same_run(resume_data, tmp_path):
+    """A prior stopped after 2 epochs and resumed to 3 ends bit-identical to a 3-epoch prior; its
+    flags come from its checkpoint, and a differing one is refused by name."""
+    flags = ["--data_dir", resume_data, "--epochs", "1", "--batch_size", "4", *TINY_MODEL,
+             "--prior_batch_size", "4", "--prior_dropout", "0.2"]
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    assert run("train.py", *flags, "--prior_epochs", "3", "--out_dir", ref, cwd=tmp_path).returncode == 0
+    assert run("train.py", *flags, "--prior_epochs", "2", "--out_dir", split, cwd=tmp_path).returncode == 0
+    assert_clean_error(run("train.py", "--stage", "prior", "--resume", split, "--prior_hidden_dim", "32",
+                           cwd=tmp_path), "prior_hidden_dim=16", "delete")
+    proc = run("train.py", "--stage", "prior", "--resume", split, "--prior_epochs", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed the prior in {split} after epoch 2" in (split / "log.txt").read_text()
+    for name in ("prior_last.pt", "prior_best.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (ref, split))
+        assert a["epoch"] == b["epoch"] == (3 if name == "prior_last.pt" else a["epoch"])
+        assert state_equal(a["model"], b["model"]) and a["best_val"] == b["best_val"]
+    assert metrics_without_time(ref) == metrics_without_time(split)
+    prior_rows = [r[:-1] for r in csv.reader(open(split / "prior_metrics.csv"))]
+    assert prior_rows == [r[:-1] for r in csv.reader(open(ref / "prior_metrics.csv"))] and len(prior_rows) == 4
+
+
+def test_prior_of_another_vqvae_is_refused(tiny_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", a, cwd=tmp_path).returncode == 0
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--seed", "1", "--stage", "vqvae",
+               "--out_dir", b, cwd=tmp_path).returncode == 0
+    assert not (b / "prior_best.pt").exists()
+    proc = run("predict.py", "--checkpoint", b / "best.pt", "--num_samples", "4", cwd=tmp_path)
+    assert proc.returncode == 0 and "no prior in" in proc.stdout and "--stage prior --resume" in proc.stdout
+    assert_clean_error(run("predict.py", "--checkpoint", b / "best.pt", "--prior", a / "prior_best.pt",
+                           cwd=tmp_path), "another VQ-VAE", "--stage prior")
+    shutil.copy(a / "prior_last.pt", b / "prior_last.pt")  # a stale prior beside a VQ-VAE is not resumed
+    assert_clean_error(run("train.py", "--stage", "prior", "--resume", b, cwd=tmp_path), "earlier", "delete")
+    assert_clean_error(run("train.py", "--stage", "prior", cwd=tmp_path), "--resume runs/NNN")
+    assert_clean_error(run("predict.py", "--checkpoint", a / "best.pt", "--temperature", "0", cwd=tmp_path),
+                       "--temperature")
+
+
 def test_other_kind_or_configuration_of_checkpoint(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
@@ -207,6 +247,10 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--image_size", "8", "8", "--num_downsampling_layers", "1"], "at least 11 pixels"),
     (["--restart_after", "-1"], "--restart_after must be >= 0"),
     (["--lr_schedule", "cosine", "--warmup_steps", "4"], "would never leave warm-up"),
+    # Prior flags are checked before the VQ-VAE stage starts, not after it has run.
+    (["--prior_num_heads", "3"], "multiple of num_heads"),
+    (["--prior_arch", "pixelcnn", "--prior_kernel_size", "4"], "must be odd"),
+    (["--prior_epochs", "0"], "--prior_epochs must be >= 1"),
 ])
 def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
     proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)

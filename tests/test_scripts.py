@@ -124,7 +124,7 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
 
 def test_generated_slices_round_trip_through_nifti(trained):
     """A sample's .nii.gz holds exactly the decoded sample, on the training data's affine."""
-    from modules import CodePrior, PriorConfig, VQVAE, VQVAEConfig
+    from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
     cwd, run_dir, _ = trained
     out = cwd / "gen"
     proc = run("predict.py", "--num_samples", "3", "--temperature", "0.8", "--top_k", "5", "--seed", "7",
@@ -134,7 +134,7 @@ def test_generated_slices_round_trip_through_nifti(trained):
     vq = VQVAE(VQVAEConfig(**vq_ckpt["model_args"]))
     vq.load_state_dict(vq_ckpt["model"])
     prior_ckpt = torch.load(run_dir / "prior_best.pt", weights_only=True)
-    prior = CodePrior(PriorConfig(**prior_ckpt["model_args"]))
+    prior = build_prior(PriorConfig(**prior_ckpt["model_args"]))
     prior.load_state_dict(prior_ckpt["model"])
     codes = prior.sample(3, 0.8, 5, torch.Generator().manual_seed(7))
     expected = ((vq.eval().decode_indices(codes) + 1) / 2).clamp(0, 1)
