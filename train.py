@@ -7,8 +7,10 @@ Stage 1 (VQ-VAE) writes to a new run folder (runs/NNN unless --out_dir): config.
 metrics.csv, best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png,
 loss_per_batch.png, ssim_per_epoch.png and codebook_usage_per_epoch.png.
 Stage 2 (prior) encodes the training and validation splits once with the frozen best.pt and trains the
-autoregressive prior on those code maps, in the same folder: prior_metrics.csv, prior_best.pt (lowest
-validation NLL), prior_last.pt, prior_epoch_NNN_samples.png and prior_nll_per_epoch.png.
+autoregressive prior on those code maps, in the same folder: prior_config.json, prior_metrics.csv,
+prior_best.pt (lowest validation NLL), prior_last.pt, prior_epoch_NNN_samples.png and
+prior_nll_per_epoch.png. A prior that no longer fits the run's best.pt (the VQ-VAE was extended since)
+is moved to prior_old_N/ and a new one is trained.
 """
 import argparse
 import math
@@ -23,8 +25,8 @@ from tqdm import tqdm
 from dataset import load_split, make_loader, resolve_data_dir
 from modules import (CODEBOOK_INITS, PRIOR_ARCHS, SEED_CODEBOOK, VQVAE, PriorConfig, VQVAEConfig, build_prior,
                      latent_shape)
-from utils import (SSIM_MIN_SIZE, ProjectError, codebook_stats, encode_split, evaluate, fingerprint,
-                   load_checkpoint, load_vqvae, new_run_dir, pick_device, prior_nll_bits, run_main,
+from utils import (BITS_PER_NAT, SSIM_MIN_SIZE, ProjectError, codebook_stats, encode_split, evaluate,
+                   fingerprint, load_checkpoint, load_vqvae, new_run_dir, pick_device, prior_nll_bits, run_main,
                    save_checkpoint, save_comparison, save_curves, save_image_grid, seed_everything, ssim,
                    to_unit, write_csv, write_json)
 
@@ -35,7 +37,6 @@ PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "seconds"]
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 DEFAULT_EPOCHS = 20
 DEFAULT_PRIOR_EPOCHS = 18
-BITS = 1 / math.log(2)  # nats -> bits
 
 
 def model_config(args):
@@ -47,7 +48,8 @@ def resume_args(args):
     """--resume RUN_DIR or CHECKPOINT -> (checkpoint, args of the original run).
 
     A resumed run is the same run: its flags come from the checkpoint. A flag given now that
-    differs from the run's (other than --epochs, to extend it, and --device) is refused by name.
+    differs from the run's (other than --epochs, to extend it, --device and --out_dir) is refused by
+    name. --stage and the prior's flags are taken from this command where given (see below).
     """
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
@@ -144,14 +146,34 @@ def prior_config(args, num_embeddings=512, latent_h=32, latent_w=16):
 
 def check_prior_flags(args):
     """Refuse bad prior flags up front, not after the VQ-VAE stage has run."""
-    for flag in ("prior_epochs", "prior_batch_size", "prior_num_samples", "prior_num_layers", "prior_hidden_dim"):
+    for flag in ("prior_epochs", "prior_batch_size", "prior_num_samples", "prior_num_layers", "prior_hidden_dim",
+                 "prior_num_heads", "prior_kernel_size"):
         if getattr(args, flag) < 1:
             raise ProjectError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.prior_lr <= 0 or args.prior_weight_decay < 0 or not 0 <= args.prior_dropout < 1:
+        raise ProjectError(f"--prior_lr must be > 0, --prior_weight_decay >= 0 and --prior_dropout in [0, 1), "
+                           f"got {args.prior_lr}, {args.prior_weight_decay} and {args.prior_dropout}")
     try:
         build_prior(prior_config(args))
     except ValueError as e:
         raise ProjectError(f"prior: {e}; change --prior_hidden_dim, --prior_num_heads or "
                            f"--prior_kernel_size") from None
+
+
+def retire_prior(run_dir):
+    """Move the files of a prior that no longer fits the run's VQ-VAE into run_dir/prior_old_N/."""
+    n = 1
+    while (run_dir / f"prior_old_{n}").exists():
+        n += 1
+    dest = run_dir / f"prior_old_{n}"
+    try:
+        dest.mkdir()
+        for f in run_dir.glob("prior_*"):
+            if f.is_file():
+                f.rename(dest / f.name)
+    except OSError as e:
+        raise ProjectError(f"cannot move the old prior of {run_dir} to {dest}: {e.strerror}") from None
+    return dest
 
 
 def main(args):
@@ -163,7 +185,13 @@ def main(args):
             raise ProjectError("--stage prior trains a prior for an existing VQ-VAE run: name the run "
                                "with --resume runs/NNN")
         run_dir = Path(args.resume)
-        train_prior(args, run_dir if run_dir.is_dir() else run_dir.parent)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        # The run's seed and prior flags, unless given now (a prior under way checks its own).
+        defaults = vars(get_parser().parse_args([]))
+        old = load_checkpoint(run_dir / "best.pt")["config"]
+        keep = {k: old[k] for k in old if (k == "seed" or k.startswith("prior_")) and k in defaults
+                and getattr(args, k) == defaults[k]}
+        train_prior(argparse.Namespace(**{**vars(args), **keep}), run_dir)
         return
     run_dir, args = train_vqvae(args)
     if args.stage == "all":
@@ -321,17 +349,19 @@ def train_prior(args, run_dir):
     vq_path, last_path = run_dir / "best.pt", run_dir / "prior_last.pt"
     vq_ckpt = load_checkpoint(vq_path)
     vq_id = fingerprint(vq_ckpt["model"])  # the prior is valid for exactly these weights
-    ckpt = None
-    if last_path.is_file():
-        ckpt = load_checkpoint(last_path, kind="prior")
+    ckpt = load_checkpoint(last_path, kind="prior") if last_path.is_file() else None
+    retired = None
+    if ckpt and ckpt["vqvae"] != vq_id:  # the VQ-VAE was extended since: its codes are not the prior's
+        retired, ckpt = retire_prior(run_dir), None
+    elif ckpt:
         args = prior_resume_args(args, ckpt, last_path)
-        if ckpt["vqvae"] != vq_id:
-            raise ProjectError(f"{last_path} learned the codes of an earlier {vq_path} (the VQ-VAE changed "
-                               f"since); delete {run_dir}/prior_*.pt to train a new prior on this one")
     check_prior_flags(args)
     seed_everything(args.seed)
     device = pick_device(args.device)
     log = open_log(run_dir / "log.txt")
+    if retired:
+        log(f"the prior in {run_dir} learned the codes of an earlier {vq_path.name}: moved its files to "
+            f"{retired}, training a new prior")
     vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
 
     # ---- data: every slice encoded once, the prior never sees an image
@@ -380,11 +410,14 @@ def train_prior(args, run_dir):
             loss.backward()
             optimizer.step()
             total += nll.detach().sum()
-        train_bits = total.item() / n_train * BITS
+        train_bits = total.item() / n_train * BITS_PER_NAT
         if not math.isfinite(train_bits):
             raise ProjectError(f"prior training NLL is {train_bits} at epoch {epoch}; stopped before it "
                                f"reached a checkpoint (last good: {last_path}); try a lower --prior_lr")
         val_bits = prior_nll_bits(prior, codes["validate"], args.prior_batch_size, device)
+        if not math.isfinite(val_bits):
+            raise ProjectError(f"prior validation NLL is {val_bits} after epoch {epoch}; stopped without "
+                               f"saving it (last good: {last_path}); try a lower --prior_lr")
         rows.append([epoch, train_bits, val_bits, time.time() - t0])
 
         # The same seed every epoch, so the grids show the prior changing, not the draw.

