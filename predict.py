@@ -217,8 +217,8 @@ def main(args):
                   f"{kids[name]['std']:.4f}")
         print(f"  memorisation: max SSIM to any training slice, mean {mem['samples_max_ssim_to_train_mean']:.4f} "
               f"for samples vs {mem['test_max_ssim_to_train_mean']:.4f} for real test slices")
-        print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by the samples vs "
-              f"{div['test_codebook_usage']:.1%} by the test split")
+        print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by {div['maps']} samples vs "
+              f"{div['test_codebook_usage']:.1%} by {div['maps']} test slices")
         print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
 
 
