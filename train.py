@@ -14,6 +14,7 @@ is moved to prior_old_N/ and a new one is trained.
 """
 import argparse
 import math
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -44,6 +45,22 @@ def model_config(args):
     return VQVAEConfig(**{f.name: getattr(args, f.name) for f in fields(VQVAEConfig) if f.name != "in_channels"})
 
 
+def given_flags(argv):
+    """The flags typed on a command line, as parameter names: a flag typed with its default value
+    is still a request (on resume, --lr 0.001 is not the same as no --lr)."""
+    p = get_parser()
+    for action in p._actions:  # argparse has no public way to drop every default
+        action.default = argparse.SUPPRESS
+    return sorted(vars(p.parse_args(argv)))
+
+
+def was_given(args, name, defaults):
+    """Whether flag `name` was asked for: typed (when main's caller recorded args.given), else set
+    to a value other than its default (for callers that build args themselves, as the tests do)."""
+    given = getattr(args, "given", None)
+    return name in given if given is not None else getattr(args, name) != defaults[name]
+
+
 def resume_args(args):
     """--resume RUN_DIR or CHECKPOINT -> (checkpoint, args of the original run).
 
@@ -66,7 +83,8 @@ def resume_args(args):
     free = {"resume", "epochs", "device", "out_dir"} | later
     def same(k, a, b):  # data folders compare as resolved paths
         return (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())) if k == "data_dir" else a == b
-    asked = {k: v for k, v in vars(args).items() if k not in free and v != defaults[k]}
+    free |= {"given"}
+    asked = {k: v for k, v in vars(args).items() if k not in free and was_given(args, k, defaults)}
     differ = {k: (old.get(k), v) for k, v in asked.items() if not same(k, old.get(k), v)}
     if differ:
         was = ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
@@ -77,8 +95,9 @@ def resume_args(args):
         raise ProjectError(f"cannot extend {path} to {args.epochs} epochs: its cosine schedule was laid out "
                            f"over {old['epochs']} epochs and has decayed; resume without --epochs, or start "
                            f"a new run")
-    now = {k: v for k, v in vars(args).items() if k in later and v != defaults[k]}
+    now = {k: v for k, v in vars(args).items() if k in later and was_given(args, k, defaults)}
     merged = argparse.Namespace(**{**old, **now, "resume": args.resume, "device": args.device,
+                                   "given": getattr(args, "given", None),
                                    "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
     return ckpt, merged
 
@@ -88,13 +107,13 @@ def prior_resume_args(args, ckpt, path):
     than --prior_epochs, to extend it) is refused by name."""
     defaults = vars(get_parser().parse_args([]))
     keys = [k for k in defaults if k.startswith("prior_") and k != "prior_epochs"]
-    differ = [k for k in keys if getattr(args, k) != defaults[k] and getattr(args, k) != ckpt["config"][k]]
+    differ = [k for k in keys if was_given(args, k, defaults) and getattr(args, k) != ckpt["config"][k]]
     if differ:
         was = ", ".join(f"{k}={ckpt['config'][k]}" for k in differ)
         raise ProjectError(f"cannot resume the prior in {path}: it was made with {was}; drop those flags "
                            f"to resume it, or delete {path.parent}/prior_*.pt to train a new prior")
     merged = {**vars(args), **{k: ckpt["config"][k] for k in keys}}
-    merged["prior_epochs"] = args.prior_epochs if args.prior_epochs != defaults["prior_epochs"] \
+    merged["prior_epochs"] = args.prior_epochs if was_given(args, "prior_epochs", defaults) \
         else ckpt["config"]["prior_epochs"]
     return argparse.Namespace(**merged)
 
@@ -190,7 +209,7 @@ def main(args):
         defaults = vars(get_parser().parse_args([]))
         old = load_checkpoint(run_dir / "best.pt")["config"]
         keep = {k: old[k] for k in old if (k == "seed" or k.startswith("prior_")) and k in defaults
-                and getattr(args, k) == defaults[k]}
+                and not was_given(args, k, defaults)}
         train_prior(argparse.Namespace(**{**vars(args), **keep}), run_dir)
         return
     run_dir, args = train_vqvae(args)
@@ -233,7 +252,7 @@ def train_vqvae(args):
     out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
     log = open_log(out_dir / "log.txt")
 
-    config = {**vars(args), "image_size": list(image_size),
+    config = {**{k: v for k, v in vars(args).items() if k != "given"}, "image_size": list(image_size),
               "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
               "out_dir": str(out_dir), "device": str(device), "resume": None}
     write_json(out_dir / "config.json", config)
@@ -510,4 +529,6 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    run_main(main, get_parser().parse_args())
+    args = get_parser().parse_args()
+    args.given = given_flags(sys.argv[1:])
+    run_main(main, args)

@@ -1,6 +1,7 @@
 """Resume after SIGKILL, atomic checkpoints, NaN stops, refused checkpoints and every bad input the
 README lists: one line on stderr, exit code 2, nothing already written lost."""
 import csv
+import json
 import os
 import pickle
 import shutil
@@ -175,6 +176,20 @@ def test_prior_resume_continues_the_same_run(resume_data, tmp_path):
     assert torch.load(split / "prior_last.pt", weights_only=True)["epoch"] == 3
     prior_rows = [r[:-1] for r in csv.reader(open(split / "prior_metrics.csv"))]
     assert prior_rows == [r[:-1] for r in csv.reader(open(ref / "prior_metrics.csv"))] and len(prior_rows) == 4
+
+
+def test_resume_hears_flags_typed_with_their_default_value(tiny_data, tmp_path):
+    """On resume a typed flag is a request even when it equals the default: --lr 0.001 against a run
+    made with --lr 0.002 is refused, and --stage all adds the prior to a run made with --stage vqvae."""
+    run_dir = tmp_path / "run"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--lr", "0.002", "--stage", "vqvae",
+               "--out_dir", run_dir, cwd=tmp_path).returncode == 0
+    assert not (run_dir / "prior_best.pt").exists()
+    assert_clean_error(run("train.py", "--resume", run_dir, "--lr", "0.001", cwd=tmp_path), "lr=0.002", "lr=0.001")
+    proc = run("train.py", "--resume", run_dir, "--stage", "all", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "prior_best.pt").is_file()
+    assert "given" not in json.loads((run_dir / "config.json").read_text())
 
 
 def test_prior_of_another_vqvae_is_refused(tiny_data, tmp_path):
