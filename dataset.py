@@ -4,6 +4,8 @@ A data folder holds `keras_slices_train`, `keras_slices_validate` and `keras_sli
 folders `keras_slices_seg_*` beside them are ignored). Each split is used as given: patients never
 move between splits. Without a data folder the synthetic phantom (phantom.py) is used.
 """
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import phantom
-from utils import ProjectError
+from utils import ProjectError, save_checkpoint
 
 SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "test": "keras_slices_test"}
 PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"
+# Decoded splits (git-ignored); the environment variable moves it, e.g. off a small home disk.
+CACHE_DIR = Path(os.environ.get("VQVAE_CACHE_DIR", Path(__file__).resolve().parent / "cache"))
+CACHE_VERSION = 1  # bump when the pre-processing changes, so old caches are never read
 
 
 def resolve_data_dir(data_dir):
@@ -78,13 +83,64 @@ class SliceSet:
     ranges: list
 
 
-def load_split(data_dir, split, image_size):
-    """Decode every slice of one split once, scale to [0, 1] and resize to `image_size` (H, W)."""
+def split_key(folder, files, image_size):
+    """What a decoded split depends on: the folder, every file's name, size and modification time,
+    the target size and the pre-processing version. Any change gives another key."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{Path(folder).resolve()}|{image_size[0]}x{image_size[1]}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def load_split(data_dir, split, image_size, cache_dir=CACHE_DIR):
+    """Every slice of one split, scaled to [0, 1] and resized to `image_size` (H, W), decoded once:
+    later runs read the decoded tensor from `cache_dir` (None: no cache) while the files are
+    unchanged. A cache that is stale, corrupt or unreadable is rebuilt, never trusted."""
     folder = Path(data_dir) / SPLITS[split]
     files = sorted((p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))),
                    key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
     if not files:
         raise ProjectError(f"split folder {folder} holds no .nii or .nii.gz files")
+    key = split_key(folder, files, image_size)
+    path = cache_dir and Path(cache_dir) / f"{split}_{image_size[0]}x{image_size[1]}_{key[:20]}.pt"
+    cached = _read_cache(path, key, len(files), image_size)
+    if cached:
+        slices = SliceSet(cached["images"], files, cached["shapes"], cached["ranges"])
+    else:
+        slices = _decode_split(files, image_size)
+    resized = sum(s != list(image_size) for s in slices.shapes)
+    if resized:
+        sizes = sorted({f"{h}x{w}" for h, w in slices.shapes})
+        print(f"data: {split}: {len(files)} slices of sizes {', '.join(sizes)}; {resized} resized to "
+              f"{image_size[0]}x{image_size[1]}")
+    if path and not cached:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(path, {"key": key, "images": slices.images, "shapes": slices.shapes,
+                                   "ranges": slices.ranges})
+        except (OSError, ProjectError) as e:  # a cache that cannot be written costs speed, not the run
+            print(f"data: could not cache {split} in {path.parent} ({e}); it will be decoded again next time")
+    return slices
+
+
+def _read_cache(path, key, n, image_size):
+    """The cached split at `path` if it is whole and matches `key`, else None."""
+    if not path or not path.is_file():
+        return None
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        if (c["key"] == key and c["images"].shape == (n, 1, *image_size) and c["images"].dtype == torch.float16
+                and len(c["shapes"]) == len(c["ranges"]) == n):
+            return c
+    except Exception:  # truncated or foreign file: rebuilt below
+        pass
+    print(f"data: cache {path} is stale or damaged; decoding the split again")
+    return None
+
+
+def _decode_split(files, image_size):
+    """Read and pre-process every file of a split -> SliceSet."""
     H, W = image_size
     images = torch.empty(len(files), 1, H, W, dtype=torch.float16)
     shapes, ranges = [], []
@@ -96,10 +152,6 @@ def load_split(data_dir, split, image_size):
         if x.shape[-2:] != (H, W):
             x = F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
         images[i] = x[0].clamp(0, 1)
-    resized = sum(s != [H, W] for s in shapes)
-    if resized:
-        sizes = sorted({f"{h}x{w}" for h, w in shapes})
-        print(f"data: {split}: {len(files)} slices of sizes {', '.join(sizes)}; {resized} resized to {H}x{W}")
     return SliceSet(images, files, shapes, ranges)
 
 

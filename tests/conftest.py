@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny phantom data set and the flags of a tiny model."""
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Decoded-split caches of the tests' throwaway data sets go to a throwaway folder (the scripts the
+# tests start inherit it), not to the project's cache/.
+os.environ["VQVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vqvae_test_cache_")
 
 import phantom  # noqa: E402
 

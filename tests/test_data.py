@@ -1,10 +1,12 @@
 """The loader: scaling, resizing, one tensor per split, the phantom, and clear bad-input errors."""
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import phantom
 from dataset import SPLITS, load_slice, load_split, make_loader, resolve_data_dir, scale_unit
@@ -133,3 +135,35 @@ def test_real_volume_is_refused_and_its_slices_load(tmp_path):
     root = make_data_dir(tmp_path, {"train": arrays, "validate": arrays, "test": arrays})
     s = load_split(root, "train", (256, 128))
     assert s.images.shape == (2, 1, 256, 128) and s.images.max() == 1
+
+
+def test_decoded_splits_are_cached_and_never_trusted_stale(tiny_data, tmp_path, monkeypatch, capsys):
+    """The second load reads the decoded split from the cache without decoding a file; a touched
+    file, a damaged cache or another size decodes again."""
+    import dataset
+    cache = tmp_path / "cache"
+    first = load_split(tiny_data, "train", (32, 16), cache_dir=cache)
+    assert len(list(cache.glob("train_32x16_*.pt"))) == 1
+    decoded = []
+    real_load_slice = dataset.load_slice
+    monkeypatch.setattr(dataset, "load_slice", lambda p: decoded.append(p) or real_load_slice(p))
+
+    def same(s):
+        return (torch.equal(s.images, first.images) and s.shapes == first.shapes and s.ranges == first.ranges
+                and s.files == first.files)
+    assert same(load_split(tiny_data, "train", (32, 16), cache_dir=cache)) and decoded == []
+    # A file modified since: its mtime is part of the key, so the split is decoded again.
+    f = first.files[0]
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert same(load_split(tiny_data, "train", (32, 16), cache_dir=cache)) and len(decoded) == len(first.files)
+    # A damaged cache file is reported and rebuilt, not read.
+    for p in cache.glob("train_32x16_*.pt"):
+        p.write_bytes(b"not a cache")
+    decoded.clear()
+    capsys.readouterr()
+    assert same(load_split(tiny_data, "train", (32, 16), cache_dir=cache)) and len(decoded) == len(first.files)
+    assert "stale or damaged" in capsys.readouterr().out
+    # Another size is another cache; no cache_dir, no file.
+    assert load_split(tiny_data, "train", (64, 32), cache_dir=cache).images.shape[-2:] == (64, 32)
+    assert load_split(tiny_data, "validate", (32, 16), cache_dir=None).images.shape[-2:] == (32, 16)
+    assert not list(cache.glob("validate_*"))
