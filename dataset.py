@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import phantom
-from utils import ProjectError, save_checkpoint
+from utils import ProjectError, save_checkpoint, to_model
 
 SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "test": "keras_slices_test"}
 PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"
@@ -156,7 +156,8 @@ def _decode_split(files, image_size):
 
 
 class SliceDataset(Dataset):
-    """Items are slices (1, H, W) float32 in [-1, 1], the model's range."""
+    """Items are slices (1, H, W) float32 in [-1, 1], the model's range (for a DataLoader of one's
+    own; the scripts index the split's tensor directly, see epoch_batches)."""
 
     def __init__(self, slices: SliceSet):
         self.images = slices.images
@@ -165,10 +166,38 @@ class SliceDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.images[i].float() * 2 - 1
+        return to_model(self.images[i])
 
 
-def make_loader(slices, batch_size, shuffle=False, seed=0):
-    """Loader over an in-memory split; shuffling uses its own seeded generator."""
-    g = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(SliceDataset(slices), batch_size=batch_size, shuffle=shuffle, generator=g)
+def place(slices, device):
+    """The split's images (N, 1, H, W) float16 in [0, 1], moved to `device` once. On CUDA a split
+    that would take more than a quarter of the free memory stays in pinned host memory instead,
+    and its batches are copied over as they are drawn."""
+    x = slices.images
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return x.to(device) if x.numel() * x.element_size() < free // 4 else x.pin_memory()
+    return x.to(device)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
+    """One epoch's batches for this process: index tensors on `device` (where the split lives).
+
+    The order is a permutation of range(n) drawn from (seed, epoch) alone, so a resumed run or a
+    run on more GPUs sees the same batches. It is cut into global batches of `batch_size`; with
+    world_size processes each takes its contiguous share of every global batch (a last batch that
+    does not split evenly over the processes is dropped, so every rank steps the same times).
+    """
+    g = torch.Generator(device).manual_seed(seed * 100_003 + epoch)
+    batches = torch.randperm(n, generator=g, device=device).split(batch_size)
+    if world_size > 1:
+        if len(batches[-1]) % world_size:
+            batches = batches[:-1]
+        batches = [b.view(world_size, -1)[rank] for b in batches]
+    return batches
+
+
+def get_batch(images, idx, device):
+    """images (N, 1, H, W) float16 in [0, 1] (on the device or pinned on the host), idx (B,) on the
+    same device -> (B, 1, H, W) float32 in [-1, 1] on `device`, without waiting on the device."""
+    return to_model(images[idx].to(device, non_blocking=True))

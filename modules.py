@@ -20,24 +20,50 @@ def _distributed():
 
 def _nearest(z, e):
     """z: (N, D), e: (K, D) -> (N,) index of the nearest row of e by squared L2 distance, in fp32:
-    argmin over near-ties is precision-sensitive, so it stays fp32 even under autocast."""
-    z, e = z.float(), e.float()
-    dist2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)  # (N, K)
-    return dist2.argmin(1)
+    argmin over near-ties is precision-sensitive, so autocast is switched off here."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, e = z.float(), e.float()
+        dist2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)  # (N, K)
+        return dist2.argmin(1)
+
+
+def _random_index(total, n, device):
+    """n random indices below `total` by the global torch RNG: distinct when total >= n."""
+    return torch.randperm(total, device=device)[:n] if total >= n else torch.randint(total, (n,), device=device)
 
 
 def _random_rows(z, n):
-    """n random rows of z (N, D) by the global torch RNG: distinct when N >= n, else with replacement."""
+    """n random rows of the global batch by the global torch RNG: distinct when it has >= n rows, else
+    drawn with replacement. z: (N, D), this process's rows; under torch.distributed every rank holds
+    N rows and the global batch is the ranks' rows in rank order, the same rows a one-process run of
+    that batch would draw (every rank draws the same indices and the picked rows are summed)."""
     N = z.shape[0]
-    pick = torch.randperm(N, device=z.device)[:n] if N >= n else torch.randint(N, (n,), device=z.device)
-    return z[pick]
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    pick = _random_index(N * world, n, z.device)
+    if world == 1:
+        return z[pick]
+    local = pick - rank * N
+    mine = (local >= 0) & (local < N)
+    rows = torch.where(mine[:, None], z[local.clamp(0, N - 1)], torch.zeros((), dtype=z.dtype, device=z.device))
+    dist.all_reduce(rows)  # each row comes from exactly one rank
+    return rows
+
+
+def _gather_rows(z):
+    """z: (N, D) on each rank -> (world * N, D), every rank's rows in rank order (one process: z)."""
+    if not _distributed():
+        return z
+    out = z.new_empty(dist.get_world_size() * z.shape[0], z.shape[1])
+    dist.all_gather_into_tensor(out, z.contiguous())
+    return out
 
 
 def kmeans(z, k, iters=KMEANS_ITERS):
     """Lloyd's k-means. z: (N, D) -> (k, D) centres, seeded from k distinct random rows of z
     (drawn with replacement when N < k) by the global torch RNG. A centre that loses all its
-    points keeps its seed, so no centre is ever empty or NaN."""
-    centres = _random_rows(z, k).float().clone()
+    points keeps its seed, so no centre is ever empty or NaN. Under torch.distributed, pass the
+    gathered global batch: every rank then computes the same centres."""
+    centres = z[_random_index(len(z), k, z.device)].float().clone()
     for _ in range(iters):
         assign = _nearest(z, centres)
         counts = torch.bincount(assign, minlength=k)
@@ -162,8 +188,10 @@ class VectorQuantizer(nn.Module):
       tiny ball that one code wins for every input, which is how the codebook collapses);
     - restart_after=S: a code that no encoder output chose for S training steps is re-seeded with a
       random encoder output of the current batch.
-    Under torch.distributed the code counts and EMA sums are all-reduced and the k-means centres and
-    restarted codes are broadcast from rank 0, so every rank holds the same codebook. The state of
+    Under torch.distributed (every rank with a batch of the same size) the code counts and EMA sums
+    are all-reduced, k-means runs on the gathered global batch and restarts draw from it, so every
+    rank holds the same codebook, the one a single process would hold after the same global batch.
+    No step waits on the device (no .item() or data-dependent branch), so a GPU is never stalled. The state of
     both (`initialized`, `code_age`) is in buffers, so it is saved and resumed with the weights.
     """
 
@@ -190,6 +218,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", self.codebook.weight.data.clone())
         if codebook_init == "kmeans":
             self.register_buffer("initialized", torch.tensor(False))
+        # A host copy of `not initialized`, so that forward never waits on the device to read it.
+        self._needs_init = codebook_init == "kmeans"
+        self.register_load_state_dict_post_hook(VectorQuantizer._after_load)
         if restart_after > 0:
             self.register_buffer("code_age", torch.zeros(num_embeddings, dtype=torch.long))  # steps unused
 
@@ -206,10 +237,11 @@ class VectorQuantizer(nn.Module):
         codebook_loss, commitment_loss and vq_loss (scalars)."""
         B, D, h, w = z_e.shape
         z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-        if self.training and self.codebook_init == "kmeans" and not self.initialized:
+        if self.training and self._needs_init:
             self._set_codes(torch.arange(self.num_embeddings, device=z_e.device),
-                            kmeans(z_flat.detach(), self.num_embeddings))
+                            kmeans(_gather_rows(z_flat.detach().float()), self.num_embeddings))
             self.initialized.fill_(True)
+            self._needs_init = False
         indices = self.nearest(z_flat)  # (B*h*w,)
         z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w), codes before the update
         if self.training and (self.ema or self.restart_after > 0):
@@ -247,11 +279,22 @@ class VectorQuantizer(nn.Module):
             smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
             self.codebook.weight.data.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
         if self.restart_after > 0:
+            # Every step draws a candidate for every code and keeps it where the code is dead, so
+            # no step waits on the device to learn how many codes died.
             self.code_age.add_(1).masked_fill_(counts > 0, 0)
-            dead = (self.code_age >= self.restart_after).nonzero().flatten()
-            if len(dead):
-                self._set_codes(dead, _random_rows(z_flat, len(dead)))
-                self.code_age[dead] = 0
+            dead = self.code_age >= self.restart_after  # (K,) bool
+            fresh = _random_rows(z_flat, self.num_embeddings)  # (K, D), the same on every rank
+            weight = self.codebook.weight.data
+            weight.copy_(torch.where(dead[:, None], fresh.to(weight.dtype), weight))
+            if self.ema:
+                self.ema_cluster_size.masked_fill_(dead, 1.0)
+                self.ema_embed_sum.copy_(torch.where(dead[:, None], fresh, self.ema_embed_sum))
+            self.code_age.masked_fill_(dead, 0)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys):
+        if module.codebook_init == "kmeans":
+            module._needs_init = not bool(module.initialized)
 
     @torch.no_grad()
     def _set_codes(self, rows, vectors):

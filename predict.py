@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import load_split, make_loader, resolve_data_dir, stem
+from dataset import load_split, place, resolve_data_dir, stem
 from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception, inception_features, kid,
-                   latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
+                   configure_backends, latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
                    prior_nll_bits, run_main, save_code_histogram, save_comparison, save_image_grid, to_unit,
                    write_csv, write_json, write_nifti_gz)
 
@@ -91,7 +91,7 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     t0 = time.time()
     codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
                        for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
-    samples = torch.cat([to_unit(model.decode_indices(c)).cpu() for c in codes.split(args.batch_size)])
+    samples = torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(args.batch_size)]).cpu()
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
@@ -151,6 +151,7 @@ def main(args):
         raise ProjectError(f"--temperature must be > 0, --top_k >= 0 and --num_samples 0 or at least 2 (FID "
                            f"needs a covariance), got {args.temperature}, {args.top_k} and {args.num_samples}")
     device = pick_device(args.device)
+    configure_backends(device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
@@ -171,7 +172,7 @@ def main(args):
     test_set = load_split(data_dir, args.split, image_size)
 
     # ---- reconstruct and score
-    res = evaluate(model, make_loader(test_set, args.batch_size), device, keep=True)
+    res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True)
     usage, perplexity = codebook_stats(res["counts"])
     s, p = res["ssim"], res["psnr"]
     metrics = {"n": len(s), "ssim_mean": s.mean().item(), "ssim_std": s.std(unbiased=False).item(),

@@ -14,22 +14,25 @@ is moved to prior_old_N/ and a new one is trained.
 """
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import load_split, make_loader, resolve_data_dir
+from dataset import epoch_batches, get_batch, load_split, place, resolve_data_dir
 from modules import (CODEBOOK_INITS, PRIOR_ARCHS, SEED_CODEBOOK, VQVAE, PriorConfig, VQVAEConfig, build_prior,
                      latent_shape)
-from utils import (BITS_PER_NAT, SSIM_MIN_SIZE, ProjectError, codebook_stats, encode_split, evaluate,
-                   fingerprint, load_checkpoint, load_vqvae, new_run_dir, pick_device, prior_nll_bits, run_main,
-                   save_checkpoint, save_comparison, save_curves, save_image_grid, seed_everything, ssim,
-                   to_unit, write_csv, write_json)
+from utils import (BITS_PER_NAT, SSIM_MIN_SIZE, ProjectError, autocast_for, codebook_stats, configure_backends,
+                   encode_split, evaluate, fingerprint, load_checkpoint, load_vqvae, new_run_dir, pick_device,
+                   prior_nll_bits, run_main, save_checkpoint, save_comparison, save_curves, save_image_grid,
+                   seed_everything, ssim, to_unit, uses_bf16, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
@@ -66,7 +69,7 @@ def resume_args(args):
 
     A resumed run is the same run: its flags come from the checkpoint. A flag given now that
     differs from the run's (other than --epochs, to extend it, --device and --out_dir) is refused by
-    name. --stage and the prior's flags are taken from this command where given (see below).
+    name (--precision and --compile may change too: they set how, not what). --stage and the prior's flags are taken from this command where given (see below).
     """
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
@@ -80,7 +83,7 @@ def resume_args(args):
     # The stage and the prior's flags do not touch the VQ-VAE: taken from this command when given,
     # else from the run; a prior already under way checks them against its own checkpoint.
     later = {k for k in defaults if k == "stage" or k.startswith("prior_")}
-    free = {"resume", "epochs", "device", "out_dir"} | later
+    free = {"resume", "epochs", "device", "out_dir", "precision", "compile"} | later
     def same(k, a, b):  # data folders compare as resolved paths
         return (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())) if k == "data_dir" else a == b
     free |= {"given"}
@@ -200,6 +203,8 @@ def main(args):
     if args.stage != "vqvae":
         check_prior_flags(args)
     if args.stage == "prior":
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ProjectError("the prior trains in one process: run --stage prior with python, not torchrun")
         if not args.resume:
             raise ProjectError("--stage prior trains a prior for an existing VQ-VAE run: name the run "
                                "with --resume runs/NNN")
@@ -212,20 +217,39 @@ def main(args):
                 and not was_given(args, k, defaults)}
         train_prior(argparse.Namespace(**{**vars(args), **keep}), run_dir)
         return
-    run_dir, args = train_vqvae(args)
-    if args.stage == "all":
+    rank, world_size = init_distributed(args.device)
+    try:
+        run_dir, args = train_vqvae(args, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if args.stage == "all" and rank == 0:  # the prior is small: rank 0 trains it alone
         train_prior(args, run_dir)
 
 
-def train_vqvae(args):
-    """Stage 1: train (or resume) the VQ-VAE -> (run folder, the run's args)."""
+def init_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group -> (rank, world_size); else (0, 1).
+    NCCL when the processes train on GPUs, else gloo (CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    on_gpu = torch.cuda.is_available() and (device_name is None or torch.device(device_name).type == "cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank(), world_size
+
+
+def train_vqvae(args, rank=0, world_size=1):
+    """Stage 1: train (or resume) the VQ-VAE -> (run folder, the run's args). With world_size > 1
+    (torchrun) every process trains its share of each global batch and only rank 0 writes."""
     # ---- setup
     ckpt = None
     if args.resume:
         ckpt, args = resume_args(args)
     args.epochs = args.epochs or DEFAULT_EPOCHS
-    seed_everything(args.seed)
-    device = pick_device(args.device)
+    seed_everything(args.seed)  # the same on every rank: the model init and the quantizer's draws agree
+    device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if world_size > 1 else None)
+    configure_backends(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    main_rank = rank == 0
     image_size = tuple(args.image_size)
     try:  # checked before any data is read or any folder made
         h, w = latent_shape(image_size, args.num_downsampling_layers)
@@ -236,69 +260,92 @@ def train_vqvae(args):
             raise ProjectError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if min(image_size) < SSIM_MIN_SIZE:
         raise ProjectError(f"--image_size must be at least {SSIM_MIN_SIZE} pixels each way (the SSIM window)")
+    if args.batch_size % world_size:
+        raise ProjectError(f"--batch_size {args.batch_size} (the global batch) does not split over "
+                           f"{world_size} processes; use a multiple of {world_size}")
 
     # ---- data (read before the run folder is made, so bad data leaves no empty run behind)
     data_dir = resolve_data_dir(args.data_dir)
     train_set = load_split(data_dir, "train", image_size)
     val_set = load_split(data_dir, "validate", image_size)
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
-    val_loader = make_loader(val_set, args.batch_size)
-    total_steps = args.epochs * len(train_loader)
+    train_images, val_images = place(train_set, device), place(val_set, device)  # (N, 1, H, W) float16 in [0, 1]
+    n_train = len(train_images)
+    steps_per_epoch = len(epoch_batches(n_train, args.batch_size, args.seed, 1, train_images.device,
+                                        rank, world_size))
+    total_steps = args.epochs * steps_per_epoch
     if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
         raise ProjectError(f"--warmup_steps {args.warmup_steps} is not shorter than the run ({total_steps} "
                            f"steps), so the cosine schedule would never leave warm-up; lower --warmup_steps")
-    fixed = torch.stack([val_loader.dataset[i] for i in range(min(NUM_COMPARISON, len(val_set.files)))])
+    fixed = val_set.images[:NUM_COMPARISON]  # (6, 1, H, W) in [0, 1]: the same slices every epoch
 
-    out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
-    log = open_log(out_dir / "log.txt")
+    if main_rank:
+        out_dir = Path(args.out_dir) if ckpt else new_run_dir(args.out_dir)
+        log = open_log(out_dir / "log.txt")
+    else:
+        out_dir, log = None, lambda msg: None
+    if world_size > 1:  # every rank learns rank 0's run folder
+        box = [str(out_dir)]
+        dist.broadcast_object_list(box, src=0)
+        out_dir = Path(box[0])
 
     config = {**{k: v for k, v in vars(args).items() if k != "given"}, "image_size": list(image_size),
               "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
-              "out_dir": str(out_dir), "device": str(device), "resume": None}
-    write_json(out_dir / "config.json", config)
-    log(f"run {out_dir}: {len(train_set.files)} train / {len(val_set.files)} validation slices "
-        f"from {data_dir}, {image_size[0]}x{image_size[1]}, device {device}")
+              "out_dir": str(out_dir), "device": str(device), "resume": None, "world_size": world_size}
+    if main_rank:
+        write_json(out_dir / "config.json", config)
+    log(f"run {out_dir}: {n_train} train / {len(val_images)} validation slices from {data_dir}, "
+        f"{image_size[0]}x{image_size[1]}, device {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+        + f", {'bf16' if uses_bf16(device, args.precision) else 'fp32'}" + (", compiled" if args.compile else ""))
 
     # ---- model
     cfg = model_config(args)
     model = VQVAE(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # the layout cuDNN's fastest convs use
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, code map {h}x{w} of {cfg.num_embeddings} codes")
+    net = model  # what the training step calls; `model` is always the plain module that is saved
+    if world_size > 1:
+        # Buffers (the codebook's EMA state and ages) are kept equal by the quantizer's own collectives.
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:
+        net = torch.compile(net)
 
     # ---- optimizer
     # With the EMA codebook the codes are buffers updated in forward, so Adam never sees them.
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 fused=device.type == "cuda" or None)
 
     # ---- resume: everything that decides the rest of the run, so it ends as an uninterrupted one
     start_epoch, best_val, rows, batch_losses = 1, float("inf"), [], []
     if ckpt:
         model.load_state_dict(ckpt["model"])  # includes the EMA codebook buffers
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        train_loader.generator.set_state(ckpt["rng"]["loader"])  # the next epoch's data order
+        set_rng_state(ckpt["rng"])  # the data order is a function of (seed, epoch): nothing to restore
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         rows, batch_losses = ckpt["history"]["rows"], ckpt["history"]["batch_losses"]
         log(f"resumed {args.resume} after epoch {ckpt['epoch']} (best validation MSE {best_val:.4f})")
 
     # ---- loop
-    step_count = (start_epoch - 1) * len(train_loader)  # optimizer steps taken so far (for the schedule)
+    step_count = (start_epoch - 1) * steps_per_epoch  # optimizer steps taken so far (for the schedule)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         model.train()
-        sums = torch.zeros(5)  # loss, recon, codebook, commitment, ssim (summed over slices)
-        for step, x in enumerate(tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                                      dynamic_ncols=True), 1):
-            x = x.to(device)
-            out = model(x)
-            recon_loss = F.mse_loss(out["x_recon"], x)  # -log p(x|z_q) up to constants
-            loss = recon_loss + out["vq_loss"]
-            if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
-                loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
-            batch_losses.append(loss.item())
-            if not math.isfinite(batch_losses[-1]):
-                raise ProjectError(f"training loss is {batch_losses[-1]} at epoch {epoch}, step {step}; "
-                                   f"stopped before it reached a checkpoint (last good: "
-                                   f"{out_dir / 'last.pt'}); try a lower --lr")
+        # Summed on the device and read once per epoch: a step never waits for the device.
+        sums = torch.zeros(5, device=device)  # loss, recon, codebook, commitment, ssim (summed over slices)
+        step_losses = torch.zeros(steps_per_epoch, device=device)
+        batches = epoch_batches(n_train, args.batch_size, args.seed, epoch, train_images.device, rank, world_size)
+        for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                                        dynamic_ncols=True, disable=not main_rank)):
+            x = get_batch(train_images, idx, device)  # (B, 1, H, W) in [-1, 1]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_for(device, args.precision):
+                out = net(x)
+                recon_loss = F.mse_loss(out["x_recon"].float(), x)  # -log p(x|z_q) up to constants
+                loss = recon_loss + out["vq_loss"]
+                if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
+                    loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
@@ -307,27 +354,40 @@ def train_vqvae(args):
             step_count += 1
             with torch.no_grad():
                 train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
-                terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]])
-                sums += torch.cat([terms * x.shape[0], train_ssim[None]]).detach().cpu()
-        tr = (sums / len(train_set.files)).tolist()
+                terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]]).float()
+                sums += torch.cat([terms * x.shape[0], train_ssim[None]])
+                step_losses[step] = loss.detach()
+        if world_size > 1:
+            dist.all_reduce(sums)  # over the global batches: the numbers a one-process run logs
+            dist.all_reduce(step_losses)
+            step_losses /= world_size
+        epoch_losses = step_losses.tolist()  # the epoch's one host sync
+        bad = [i for i, v in enumerate(epoch_losses, 1) if not math.isfinite(v)]
+        if bad:
+            raise ProjectError(f"training loss is {epoch_losses[bad[0] - 1]} at epoch {epoch}, step {bad[0]}; "
+                               f"stopped before it reached a checkpoint (last good: "
+                               f"{out_dir / 'last.pt'}); try a lower --lr")
+        batch_losses += epoch_losses
+        tr = (sums / (sum(len(b) for b in batches) * world_size)).tolist()  # per slice of the epoch
 
-        val = evaluate(model, val_loader, device)
+        val = evaluate(model, val_images, device, args.batch_size, precision=args.precision)
         if not math.isfinite(val["loss"]):
             raise ProjectError(f"validation loss is {val['loss']} after epoch {epoch}; stopped without "
                                f"saving it (last good: {out_dir / 'last.pt'}); try a lower --lr")
+        if world_size > 1:
+            check_same_codebook(model, epoch)
         usage, perplexity = codebook_stats(val["counts"])
         rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
                      val["psnr"].mean().item(), usage, perplexity, time.time() - t0])
         row = dict(zip(METRICS, rows[-1]))
+        if not main_rank:
+            continue
 
-        model.eval()
-        with torch.no_grad():
-            out = model(fixed.to(device))
-        r, xs = to_unit(out["x_recon"]).cpu(), to_unit(fixed)
-        fixed_ssim = ssim(r, xs)
-        save_comparison(out_dir / f"epoch_{epoch:03d}_comparison.png", xs, out["indices"].cpu(), r,
-                        f"epoch {epoch}: validation slices, SSIM {fixed_ssim.mean():.4f}",
-                        cfg.num_embeddings, [f"SSIM {s:.3f}" for s in fixed_ssim])
+        res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
+        xs = fixed.float()
+        save_comparison(out_dir / f"epoch_{epoch:03d}_comparison.png", xs, res["indices"], res["recons"],
+                        f"epoch {epoch}: validation slices, SSIM {res['ssim'].mean():.4f}",
+                        cfg.num_embeddings, [f"SSIM {s:.3f}" for s in res["ssim"]])
 
         # ---- save
         # Best by validation reconstruction MSE: it measures the images the decoder makes from the
@@ -336,8 +396,7 @@ def train_vqvae(args):
         best_val = min(best_val, val["recon_loss"])
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_val": best_val, "model_args": cfg.to_dict(), "config": config, "kind": "vqvae",
-                "rng": {**rng_state(), "loader": train_loader.generator.get_state()},
-                "history": {"rows": rows, "batch_losses": batch_losses}}
+                "rng": rng_state(), "history": {"rows": rows, "batch_losses": batch_losses}}
         write_csv(out_dir / "metrics.csv", METRICS, rows)
         if improved:
             save_checkpoint(out_dir / "best.pt", ckpt)
@@ -349,6 +408,8 @@ def train_vqvae(args):
             f"{row['seconds']:.0f}s"
             + (" | best" if improved else ""))
 
+    if not main_rank:
+        return out_dir, args
     save_curves(out_dir / "loss_per_batch.png", {"train loss": batch_losses}, "batch", "loss",
                 "training loss (MSE + VQ terms" + (" + SSIM term" if args.ssim_weight else "") + ") per batch")
     ssims = {name: [r[METRICS.index(col)] for r in rows]
@@ -358,8 +419,22 @@ def train_vqvae(args):
     usage_curve = {"validation codes used (%)": [100 * r[METRICS.index("codebook_usage")] for r in rows]}
     save_curves(out_dir / "codebook_usage_per_epoch.png", usage_curve, "epoch", "% of the codebook",
                 f"codebook usage over the validation split ({cfg.num_embeddings} codes)")
+    if world_size > 1:
+        log(f"{world_size} processes: the codebook was identical on every rank after every epoch")
     log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     return out_dir, args
+
+
+def check_same_codebook(model, epoch):
+    """Under torchrun: the codebook must be bit-identical on every rank (the quantizer's collectives
+    promise it); checked once per epoch, so a broken promise stops the run instead of forking it."""
+    mine = model.vq.codebook.weight.detach()
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    differ = torch.tensor(float(not torch.equal(ref, mine)), device=mine.device)
+    dist.all_reduce(differ)
+    if differ.item():
+        raise ProjectError(f"the codebooks of the {dist.get_world_size()} processes differ after epoch {epoch}")
 
 
 def train_prior(args, run_dir):
@@ -386,11 +461,10 @@ def train_prior(args, run_dir):
     # ---- data: every slice encoded once, the prior never sees an image
     vq_config = vq_ckpt["config"]
     data_dir = resolve_data_dir(vq_config["data_dir"])
-    codes = {split: encode_split(vqvae, make_loader(load_split(data_dir, split, tuple(vq_config["image_size"])),
-                                                    args.prior_batch_size), device)
-             for split in ("train", "validate")}  # (N, h, w) long each
+    codes = {split: encode_split(vqvae, place(load_split(data_dir, split, tuple(vq_config["image_size"])), device),
+                                 device, args.prior_batch_size)
+             for split in ("train", "validate")}  # (N, h, w) long each, on the device
     n_train = len(codes["train"])
-    order = torch.Generator().manual_seed(args.seed)  # the batch order, saved for resume
     config = {k: v for k, v in vars(args).items() if k.startswith("prior_") or k in ("seed", "device")}
     config.update(device=str(device), vqvae_checkpoint=str(vq_path))
     write_json(run_dir / "prior_config.json", config)
@@ -410,8 +484,7 @@ def train_prior(args, run_dir):
     if ckpt:
         prior.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        order.set_state(ckpt["rng"]["order"])
+        set_rng_state(ckpt["rng"])  # the batch order is a function of (seed, epoch)
         start_epoch, best_val, rows = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]["rows"]
         log(f"resumed the prior in {run_dir} after epoch {ckpt['epoch']} "
             f"(best validation NLL {best_val:.4f} bits per code)")
@@ -421,9 +494,9 @@ def train_prior(args, run_dir):
         t0 = time.time()
         prior.train()
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for idx in tqdm(torch.randperm(n_train, generator=order).split(args.prior_batch_size),
+        for idx in tqdm(epoch_batches(n_train, args.prior_batch_size, args.seed, epoch, device),
                         desc=f"prior epoch {epoch}/{args.prior_epochs}", leave=False, dynamic_ncols=True):
-            nll = prior.nll(codes["train"][idx].to(device))  # (B,) nats per code
+            nll = prior.nll(codes["train"][idx])  # (B,) nats per code
             loss = nll.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -451,7 +524,7 @@ def train_prior(args, run_dir):
         best_val = min(best_val, val_bits)
         ckpt = {"model": prior.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_val": best_val, "model_args": cfg.to_dict(), "config": config, "kind": "prior",
-                "vqvae": vq_id, "rng": {**rng_state(), "order": order.get_state()},
+                "vqvae": vq_id, "rng": rng_state(),
                 "history": {"rows": rows}}
         write_csv(run_dir / "prior_metrics.csv", PRIOR_METRICS, rows)
         if improved:
@@ -507,6 +580,10 @@ def get_parser():
     p.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps (with --lr_schedule cosine)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="of the VQ-VAE's forward pass; auto: bf16 autocast on CUDA, fp32 elsewhere (the "
+                        "quantizer's distances and EMA updates and SSIM are always fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the VQ-VAE's training step")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or from a checkpoint file) where it stopped")
     p.add_argument("--stage", default="all", choices=["all", "vqvae", "prior"],

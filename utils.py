@@ -36,8 +36,9 @@ def run_main(main, args):
         sys.exit(2)
 
 
-def pick_device(name=None):
-    """The one device picker: `name` if given, else cuda, then mps, then cpu."""
+def pick_device(name=None, local_rank=None):
+    """The one device picker: `name` if given, else cuda, then mps, then cpu. Under torchrun
+    (local_rank set) a CUDA process takes the GPU of its local rank."""
     if name:
         try:
             device = torch.device(name)
@@ -46,12 +47,38 @@ def pick_device(name=None):
         available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(device.type, True):
             raise ProjectError(f"--device {name} was asked for but is not available here; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def configure_backends(device, processes_per_node=1):
+    """Speed settings for `device`: cuDNN autotuning on CUDA (the input size never changes); on the
+    CPU, this process's share of the cores it may run on as intra-op threads, so that torchrun's
+    processes do not oversubscribe them."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.set_device(device)
+    elif device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // processes_per_node))
+
+
+def uses_bf16(device, precision):
+    """--precision on `device`: auto is bf16 on CUDA, fp32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(device, precision):
+    """The forward pass's autocast context (bf16 or off, see uses_bf16). The quantizer's distances,
+    its EMA updates and SSIM switch it off themselves, so they are fp32 always."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def seed_everything(seed):
@@ -110,15 +137,21 @@ def ssim(x, y):
     if min(x.shape[-2:]) < SSIM_MIN_SIZE:
         raise ValueError(f"ssim needs images of at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} pixels, "
                          f"got {tuple(x.shape[-2:])}")
-    x, y = x.float(), y.float()
-    stats = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))  # all five local moments at once
-    return _ssim_from_moments(*stats.split(x.shape[0]))
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 training step
+        x, y = x.float(), y.float()
+        stats = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))  # all five local moments at once
+        return _ssim_from_moments(*stats.split(x.shape[0]))
 
 
 def psnr(x, y):
     """Peak signal-to-noise ratio in dB of images in [0, 1]: x, y (B, 1, H, W) -> (B,)."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def to_model(x):
+    """Stored images in [0, 1] (any float dtype) -> float32 in [-1, 1], the model's range."""
+    return x.float() * 2 - 1
 
 
 def to_unit(x):
@@ -134,40 +167,39 @@ def codebook_stats(counts):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, keep=False):
-    """Reconstruct every batch of `loader` (in order) in eval mode.
+def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
+    """Reconstruct a split in order, in eval mode, batched on the device with one host sync at the end.
 
-    Returns a dict: loss, recon_loss, vq_loss (means over slices), ssim and psnr (per slice, (N,)
-    tensors), counts (K,) code use, and with keep=True recons (N, 1, H, W) in [0, 1] and
-    indices (N, h, w).
+    images: (N, 1, H, W) in [0, 1] (float16, on the device or the host); precision: of the forward
+    pass, as --precision (metrics are fp32 always). Returns a dict: loss, recon_loss, vq_loss (means over
+    slices), ssim and psnr (per slice, (N,) tensors), counts (K,) code use, and with keep=True recons
+    (N, 1, H, W) in [0, 1] and indices (N, h, w); all on the CPU.
     """
     was_training = model.training
     model.eval()
     K = model.cfg.num_embeddings
-    sums = {"recon_loss": 0.0, "vq_loss": 0.0}
-    ssims, psnrs, recons, indices = [], [], [], []
+    sums = torch.zeros(2, device=device)  # recon_loss, vq_loss summed over slices
     counts = torch.zeros(K, dtype=torch.long, device=device)
-    n = 0
-    for x in loader:
-        x = x.to(device)
-        out = model(x)
+    ssims, psnrs, recons, indices = [], [], [], []
+    for batch in images.split(batch_size):
+        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
+        with autocast_for(device, precision):
+            out = model(x)
         b = x.shape[0]
-        sums["recon_loss"] += F.mse_loss(out["x_recon"], x).item() * b
-        sums["vq_loss"] += out["vq_loss"].item() * b
+        sums += torch.stack([F.mse_loss(out["x_recon"].float(), x), out["vq_loss"].float()]) * b
         counts += torch.bincount(out["indices"].flatten(), minlength=K)
         r, t = to_unit(out["x_recon"]), to_unit(x)
-        ssims.append(ssim(r, t).cpu())
-        psnrs.append(psnr(r, t).cpu())
+        ssims.append(ssim(r, t))
+        psnrs.append(psnr(r, t))
         if keep:
-            recons.append(r.cpu())
-            indices.append(out["indices"].cpu())
-        n += b
+            recons.append(r)
+            indices.append(out["indices"])
     model.train(was_training)
-    res = {k: v / max(n, 1) for k, v in sums.items()}
-    res["loss"] = res["recon_loss"] + res["vq_loss"]
-    res["ssim"], res["psnr"], res["counts"] = torch.cat(ssims), torch.cat(psnrs), counts.cpu()
+    recon_loss, vq_loss = (sums / max(len(images), 1)).tolist()
+    res = {"recon_loss": recon_loss, "vq_loss": vq_loss, "loss": recon_loss + vq_loss,
+           "ssim": torch.cat(ssims).cpu(), "psnr": torch.cat(psnrs).cpu(), "counts": counts.cpu()}
     if keep:
-        res["recons"], res["indices"] = torch.cat(recons), torch.cat(indices)
+        res["recons"], res["indices"] = torch.cat(recons).cpu(), torch.cat(indices).cpu()
     return res
 
 
@@ -283,9 +315,9 @@ def max_ssim_to(queries, refs, device, chunk=256):
 
 
 @torch.no_grad()
-def encode_split(model, loader, device):
-    """Code maps of every batch of `loader`, in order: (N, h, w) long on the CPU."""
-    return torch.cat([model.encode(x.to(device)).cpu() for x in loader])
+def encode_split(model, images, device, batch_size):
+    """images (N, 1, H, W) in [0, 1] -> code maps (N, h, w) long on `device`, in order."""
+    return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])
 
 
 # ----------------------------------------------------------------------------- files

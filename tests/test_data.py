@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import phantom
-from dataset import SPLITS, load_slice, load_split, make_loader, resolve_data_dir, scale_unit
+from dataset import SPLITS, SliceDataset, epoch_batches, get_batch, load_slice, load_split, resolve_data_dir, scale_unit
 from utils import ProjectError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hipmri_3d" / "Case_018_Week7_LFOV.nii.gz"
@@ -81,19 +81,25 @@ def test_split_is_one_scaled_resized_tensor(tmp_path):
     assert s.images.min() >= 0 and s.images.max() <= 1 and s.images[0].max() == 1
     assert s.shapes == [[256, 128], [256, 144], [256, 128]]
     assert (s.images[2] == 0).all()  # the constant slice
-    x = next(iter(make_loader(s, batch_size=2)))
+    x = get_batch(s.images, torch.tensor([0, 1]), torch.device("cpu"))
+    assert torch.equal(x, torch.stack([SliceDataset(s)[0], SliceDataset(s)[1]]))
     assert x.dtype.is_floating_point and x.min() >= -1 and x.max() <= 1 and x.shape == (2, 1, 256, 128)
     # The seed's stretched grid.
     assert load_split(root, "train", (256, 256)).images.shape == (3, 1, 256, 256)
 
 
-def test_shuffled_loader_is_seeded(tiny_data):
-    s = load_split(tiny_data, "train", (32, 16))
-    def order(**kw):
-        return [x.sum().item() for x in make_loader(s, 1, **kw)]
-    assert order(shuffle=True, seed=3) == order(shuffle=True, seed=3)
-    assert order(shuffle=True, seed=3) != order(shuffle=True, seed=4)
-    assert order(shuffle=True, seed=3) != order()  # shuffled, not file order
+def test_epoch_batches_are_seeded_and_sharded():
+    cpu = torch.device("cpu")
+    def order(seed, epoch):
+        return torch.cat(epoch_batches(10, 4, seed, epoch, cpu)).tolist()
+    assert sorted(order(3, 1)) == list(range(10))  # every slice once, the last batch short
+    assert [len(b) for b in epoch_batches(10, 4, 3, 1, cpu)] == [4, 4, 2]
+    assert order(3, 1) == order(3, 1) and order(3, 1) != order(4, 1) and order(3, 1) != order(3, 2)
+    # Two processes: each takes its half of every global batch; together they are the one-process order.
+    ranks = [epoch_batches(10, 4, 3, 1, cpu, rank, 2) for rank in (0, 1)]
+    one = epoch_batches(10, 4, 3, 1, cpu)
+    assert all(torch.equal(torch.cat([a, b]), g) for a, b, g in zip(*ranks, one))
+    assert len(ranks[0]) == 3 and len(epoch_batches(9, 4, 3, 1, cpu, 0, 2)) == 2  # a last batch of 1 is dropped
 
 
 def test_data_dir_errors(tmp_path):

@@ -78,7 +78,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained):
     _, run_dir, _ = trained
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "best_val", "model_args", "config"} <= set(ckpt)
-    assert ckpt["kind"] == "vqvae" and set(ckpt["rng"]) >= {"torch", "loader"}
+    assert ckpt["kind"] == "vqvae" and "torch" in ckpt["rng"]
     model = VQVAE(VQVAEConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     assert model.cfg.num_embeddings == 32 and model.cfg.num_downsampling_layers == 2
