@@ -54,7 +54,7 @@ def _gather_rows(z):
     if not _distributed():
         return z
     out = z.new_empty(dist.get_world_size() * z.shape[0], z.shape[1])
-    dist.all_gather_into_tensor(out, z.contiguous())
+    dist.all_gather_single(out, z.contiguous())
     return out
 
 
