@@ -1,44 +1,242 @@
-"""Benchmark: how long the prior takes to generate new slices (sampling the code maps, then decoding).
+"""Benchmark: the project's data path, training, evaluation, predict.py and generation against a naive
+loop written like the seed, on a synthetic split of the real HipMRI size, in one run on one machine.
 
-Usage: python bench.py [--checkpoint runs/NNN/best.pt] [--num_samples 64] [--device cuda] [--quick]
+Usage: python bench.py [--quick] [--device cuda] [--checkpoint runs/NNN/best.pt]
 
-With a run's checkpoint (default: the newest run, if any) it times that run's VQ-VAE and prior; without
-one, freshly initialised models of the default configuration, which cost the same per step. One
-untimed warm-up pass, then the timed pass. Prints the figure; nothing is written.
+The synthetic split is the source data set's slices (default: the phantom) copied to 11460 / 660 / 540
+files (--quick: a tenth), made once under cache/bench/. The model is the seed configuration at 256x128,
+batch 32. The naive baseline reads every slice from its NIfTI file on each access (a torch Dataset
+over the files, a DataLoader with one worker), trains in fp32 with a per-step loss.item(), and scores
+SSIM per batch on the CPU with skimage (the project's settings: Gaussian window, data range 1).
+Each training run is in its own process, so its peak memory is its own. Warm-up steps are not timed.
+Prints the figures; writes only the synthetic split and its decoded cache.
 """
 import argparse
+import contextlib
+import io
+import math
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from torch.utils.data import DataLoader, Dataset
 
+import predict
+import train
+from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, place, resolve_data_dir
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
-from utils import ProjectError, latest_checkpoint, load_checkpoint, load_prior, load_vqvae, pick_device, run_main
+from utils import (ProjectError, autocast_for, configure_backends, evaluate, latest_checkpoint, load_checkpoint,
+                   load_prior, load_vqvae, pick_device, run_main, save_checkpoint, seed_everything, to_unit, uses_bf16)
+
+REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
+SLICES_PER_PATIENT = 60
+MODEL_FLAGS = []  # train.py flags on top of its defaults: none, the seed configuration (tests shrink it)
 
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def synthetic_split(source, sizes, root):
+    """A data folder in the release layout whose splits hold sizes[split] files, copies of the
+    source's slices of the same split in turn, named as patients of 60 slices; made once."""
+    for split, n in sizes.items():
+        folder = root / SPLITS[split]
+        if folder.is_dir() and len(list(folder.iterdir())) == n:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        files = sorted(p for p in (source / SPLITS[split]).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        for i in range(n):
+            src = files[i % len(files)]
+            ext = ".nii.gz" if src.name.endswith(".gz") else ".nii"
+            shutil.copyfile(src, folder / f"case_{i // SLICES_PER_PATIENT:03d}_week_0_slice_{i % SLICES_PER_PATIENT}{ext}")
+    return root
+
+
+# ----------------------------------------------------------------------------- the naive baseline
+
+class NaiveSlices(Dataset):
+    """The seed's way: each item read from its NIfTI file when asked, min-max scaled to [-1, 1]."""
+
+    def __init__(self, folder, image_size):
+        self.files = sorted(Path(folder).iterdir())
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        a = np.asanyarray(nib.load(self.files[i]).dataobj).astype(np.float32).squeeze()
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-8)
+        x = torch.from_numpy(a)[None, None]
+        if x.shape[-2:] != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
+        return x[0] * 2 - 1  # (1, H, W) in [-1, 1]
+
+
+def naive_loader(folder, image_size, batch_size, shuffle):
+    return DataLoader(NaiveSlices(folder, image_size), batch_size=batch_size, shuffle=shuffle, num_workers=1)
+
+
+def skimage_ssim(recon, x):
+    """Per-batch SSIM on the CPU, one skimage call per image. recon, x: (B, 1, H, W) in [-1, 1]."""
+    r, t = to_unit(recon.detach()).cpu().numpy(), to_unit(x).cpu().numpy()
+    return [structural_similarity(a[0], b[0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False) for a, b in zip(r, t)]
+
+
+# ----------------------------------------------------------------------------- phases
+
+def train_args(device, image_size):
+    return train.get_parser().parse_args(["--device", str(device), "--image_size", *map(str, image_size),
+                                          *MODEL_FLAGS])
+
+
+def peak_memory(device):
+    """Bytes: the device's peak allocation on CUDA, else this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_phase(kind, root, image_size, steps, device_name, model_flags, cache):
+    """In a fresh process: `steps` timed training steps (after one untimed) -> figures (dict)."""
+    global MODEL_FLAGS
+    MODEL_FLAGS = model_flags
+    device = pick_device(device_name)
+    configure_backends(device)
+    seed_everything(0)
+    args = train_args(device, image_size)
+    cfg = train.model_config(args)
+    res = {}
+    if kind == "ours":
+        images = place(load_split(root, "train", image_size, cache_dir=cache), device)
+        model, net = train.build_model(cfg, device)
+        optimizer = train.build_optimizer(model, args.lr, device)
+        batches = []  # steps + 1 batches, over more than one epoch on a small split
+        while len(batches) < steps + 1:
+            batches += epoch_batches(len(images), args.batch_size, 0, len(batches) + 1, images.device)
+        batches = batches[:steps + 1]
+        train.train_epoch(net, optimizer, images, batches[:1], device, args, 0, steps + 1, show=False)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        sums, losses = train.train_epoch(net, optimizer, images, batches[1:], device, args, 1, steps + 1, show=False)
+        losses.tolist()  # the read train.py makes once per epoch
+        res["seconds"] = time.perf_counter() - t0
+        res["images"] = sum(len(b) for b in batches[1:])
+        res["peak"] = peak_memory(device)
+        # The same batches through forward and backward alone (no data path, optimizer or metrics):
+        # the share of the step that the model's arithmetic takes.
+        xs = [get_batch(images, idx, device) for idx in batches[1:]]
+        if device.type == "cuda":
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        sync(device)
+        t0 = time.perf_counter()
+        for x in xs:
+            with autocast_for(device, args.precision):
+                out = net(x)
+                loss = F.mse_loss(out["x_recon"].float(), x) + out["vq_loss"]
+            loss.backward()
+        sync(device)
+        res["model_seconds"] = time.perf_counter() - t0
+    else:
+        model = VQVAE(cfg).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        loader = naive_loader(root / SPLITS["train"], image_size, args.batch_size, shuffle=True)
+        t0 = time.perf_counter()
+        it = iter(loader)  # starts the worker, as every epoch of the seed's loop does
+        batches = [next(it)]
+        res["worker_start"] = time.perf_counter() - t0
+        n_images = 0
+        for i in range(steps + 1):
+            if i == 1:  # the first step (kernels, allocations) is not timed
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+            try:
+                x = batches.pop() if batches else next(it)
+            except StopIteration:  # a small split: the next epoch
+                it = iter(loader)
+                x = next(it)
+            x = x.to(device)
+            n_images += len(x) if i else 0
+            out = model(x)
+            loss = F.mse_loss(out["x_recon"], x) + out["vq_loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            skimage_ssim(out["x_recon"], x)
+        res["seconds"] = time.perf_counter() - t0
+        res["peak"] = peak_memory(device)
+        res["images"] = n_images
+    return res
+
+
+def run_in_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # not daemonic: loaders may fork
+        return pool.submit(fn, *args).result()
+
+
+def naive_evaluate(model, folder, image_size, device, batch_size=32):
+    """The seed's evaluation: per-file loader, model, per-image skimage SSIM -> mean SSIM."""
+    scores = []
+    with torch.no_grad():
+        for x in naive_loader(folder, image_size, batch_size, shuffle=False):
+            x = x.to(device)
+            scores += skimage_ssim(model(x)["x_recon"], x)
+    return float(np.mean(scores))
+
+
+def naive_predict(model, folder, image_size, device, out_dir, batch_size=32):
+    """As naive_evaluate, writing each reconstruction as a .nii.gz, as predict.py does."""
+    loader = naive_loader(folder, image_size, batch_size, shuffle=False)
+    scores, i = [], 0
+    with torch.no_grad():
+        for x in loader:
+            x = x.to(device)
+            r = model(x)["x_recon"]
+            scores += skimage_ssim(r, x)
+            for img in to_unit(r).cpu().numpy():
+                nib.save(nib.Nifti1Image(img[0], np.eye(4)), out_dir / f"recon_{i:05d}.nii.gz")
+                i += 1
+    return float(np.mean(scores))
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
 
 
 def time_sampling(prior, vqvae, n, device, seed=0):
     """Seconds to sample n code maps with the prior and decode them -> (sample s, decode s)."""
-    sync(device)
-    t0 = time.perf_counter()
-    codes = prior.sample(n, generator=torch.Generator(device).manual_seed(seed))
-    sync(device)
-    t1 = time.perf_counter()
+    sample_s, codes = timed(lambda: prior.sample(n, generator=torch.Generator(device).manual_seed(seed)), device)
     with torch.no_grad():
-        vqvae.decode_indices(codes)
-    sync(device)
-    return t1 - t0, time.perf_counter() - t1
+        decode_s, _ = timed(lambda: vqvae.decode_indices(codes), device)
+    return sample_s, decode_s
 
 
-def main(args):
-    device = pick_device(args.device)
+def sampling_models(args, device):
+    """The run's VQ-VAE and prior when there is one, else fresh default models (same cost) -> (vqvae, prior, what)."""
     if args.checkpoint:
         path = Path(args.checkpoint)
-        load_checkpoint(path)  # a named checkpoint must exist: one clear error, not a silent fallback
     else:
         try:
             path = latest_checkpoint()
@@ -48,27 +246,124 @@ def main(args):
     if prior_path and prior_path.is_file():
         vqvae = load_vqvae(load_checkpoint(path), path, device)
         prior = load_prior(load_checkpoint(prior_path, kind="prior"), prior_path, device)
-        what = f"the run's models ({path}, {prior_path.name})"
-    else:
+        return vqvae, prior, f"the models of {path.parent}"
+    torch.manual_seed(0)
+    return (VQVAE(VQVAEConfig()).to(device).eval(), build_prior(PriorConfig()).to(device).eval(),
+            "fresh default models (no trained run)")
+
+
+def row(name, ours, naive=None, ratio=None):
+    print(f"{name:<34} {ours:>22} {naive or '':>22} {ratio or '':>8}", flush=True)
+
+
+def rate(n, seconds):
+    return f"{n / seconds:,.1f} img/s"
+
+
+def main(args):
+    device = pick_device(args.device)
+    configure_backends(device)
+    if args.checkpoint:
+        load_checkpoint(args.checkpoint)  # a named checkpoint must exist: one clear error, before the long part
+    scale = 10 if args.quick else 1
+    sizes = {split: max(n // scale, 4) for split, n in REAL_SIZES.items()}
+    image_size = tuple(args.image_size)
+    steps = args.steps or (3 if args.quick else 20)
+    source = resolve_data_dir(args.data_dir)
+    root = synthetic_split(source, sizes, Path(args.bench_dir) / f"synthetic_{sizes['train']}")
+    targs = train_args(device, image_size)
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), {'bf16' if uses_bf16(device, targs.precision) else 'fp32'}; "
+          f"seed configuration at {image_size[0]}x{image_size[1]}, batch {targs.batch_size}; synthetic split of "
+          f"{sizes['train']} / {sizes['validate']} / {sizes['test']} slices ({root})")
+    row("", "ours", "naive (seed-like)", "ratio")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = tmp / "cache"  # decoded splits: cold first, then warm
+
+        # ---- data: decode every file once (cold), then read the decoded split back (warm)
+        cold, train_set = timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device)
+        warm, train_set = timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device)
+        row(f"data load, cold ({sizes['train']} files)", f"{cold:.2f} s")
+        row("data load, warm (decoded cache)", f"{warm:.2f} s")
+        images = place(train_set, device)
+        n = len(images)
+        t_ours, _ = timed(lambda: [get_batch(images, idx, device)
+                                   for idx in epoch_batches(n, targs.batch_size, 0, 1, images.device)], device)
+        n_naive = min(n, 20 * targs.batch_size if args.quick else n)
+        def naive_epoch():
+            for i, x in enumerate(naive_loader(root / SPLITS["train"], image_size, targs.batch_size, shuffle=True)):
+                x.to(device)
+                if (i + 1) * targs.batch_size >= n_naive:
+                    break
+        t_naive, _ = timed(naive_epoch, device)
+        r_ours, r_naive = n / t_ours, n_naive / t_naive
+        row("data path, no model (one epoch)", rate(n, t_ours), rate(n_naive, t_naive), f"{r_ours / r_naive:,.0f}x")
+        del images
+
+        # ---- training, each in its own process
+        ours = run_in_process(train_phase, "ours", root, image_size, steps, str(device), MODEL_FLAGS, cache)
+        naive = run_in_process(train_phase, "naive", root, image_size, steps, str(device), MODEL_FLAGS, cache)
+        r_ours, r_naive = ours["images"] / ours["seconds"], naive["images"] / naive["seconds"]
+        row(f"training ({steps} steps)", rate(ours["images"], ours["seconds"]),
+            rate(naive["images"], naive["seconds"]), f"{r_ours / r_naive:.2f}x")
+        row("  peak memory" + (" (GPU)" if device.type == "cuda" else " (process RSS)"),
+            f"{ours['peak'] / 2**30:.2f} GiB", f"{naive['peak'] / 2**30:.2f} GiB")
+        row("  share in forward+backward", f"{ours['model_seconds'] / ours['seconds']:.1%}")
+        row("  loader worker start (per epoch)", "none", f"{naive['worker_start']:.2f} s")
+        epoch_steps = math.ceil(sizes["train"] / targs.batch_size)
+        row(f"  epoch of {sizes['train']} (estimate)", f"{epoch_steps * ours['seconds'] / steps:.1f} s",
+            f"{naive['worker_start'] + epoch_steps * naive['seconds'] / steps:.1f} s")
+
+        # ---- evaluation of the validation split
         torch.manual_seed(0)
-        vqvae = VQVAE(VQVAEConfig()).to(device).eval()
-        prior = build_prior(PriorConfig()).to(device).eval()
-        what = "freshly initialised default models (no trained run found)"
+        model = VQVAE(train.model_config(targs)).to(device).eval()
+        val = place(load_split(root, "validate", image_size, cache_dir=cache), device)
+        evaluate(model, val[:targs.batch_size], device, targs.batch_size, precision=targs.precision)  # warm-up
+        t_ours, _ = timed(lambda: evaluate(model, val, device, targs.batch_size, precision=targs.precision), device)
+        t_naive, _ = timed(lambda: naive_evaluate(model, root / SPLITS["validate"], image_size, device), device)
+        row(f"evaluation ({len(val)} slices)", rate(len(val), t_ours), rate(len(val), t_naive),
+            f"{t_naive / t_ours:.1f}x")
+
+        # ---- predict.py on the test split (reconstructions, SSIM, NIfTI files, figures; no samples)
+        ckpt = tmp / "run" / "best.pt"
+        ckpt.parent.mkdir()
+        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": {}, "epoch": 0, "best_val": 0.0,
+                               "model_args": model.cfg.to_dict(), "kind": "vqvae",
+                               "config": {"data_dir": str(root), "image_size": list(image_size)}})
+        pargs = predict.get_parser().parse_args(["--checkpoint", str(ckpt), "--num_samples", "0",
+                                                 "--device", str(device), "--out_dir", str(tmp / "predict")])
+        with contextlib.redirect_stdout(io.StringIO()):
+            predict.main(pargs)  # warm-up; also decodes the test split into the cache
+        with contextlib.redirect_stdout(io.StringIO()):
+            t_ours, _ = timed(lambda: predict.main(pargs), device)
+        (tmp / "naive").mkdir()
+        t_naive, _ = timed(lambda: naive_predict(model, root / SPLITS["test"], image_size, device, tmp / "naive"),
+                           device)
+        n_test = sizes["test"]
+        row(f"predict.py ({n_test} test slices)", rate(n_test, t_ours), rate(n_test, t_naive), f"{t_naive / t_ours:.1f}x")
+
+    # ---- generation
+    vqvae, prior, what = sampling_models(args, device)
     n = 8 if args.quick else args.num_samples
     time_sampling(prior, vqvae, min(n, 4), device)  # warm-up: allocations, kernels
     sample_s, decode_s = time_sampling(prior, vqvae, n, device)
     cfg = prior.cfg
-    print(f"device {device} ({torch.get_num_threads()} CPU threads), {what}")
-    print(f"prior sampling: {n} slices ({cfg.latent_h}x{cfg.latent_w} codes of {cfg.num_embeddings}, "
-          f"{cfg.arch}) in {sample_s:.2f} s, decoding {decode_s:.2f} s: {n / (sample_s + decode_s):.1f} slices/s")
+    row(f"prior sampling ({n} slices)", f"{sample_s:.2f} s + {decode_s:.2f} s")
+    print(f"  ({cfg.latent_h}x{cfg.latent_w} codes of {cfg.num_embeddings}, {cfg.arch}, {what}; sampling + "
+          f"decoding: {n / (sample_s + decode_s):.1f} slices/s)")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Time the generation of new slices.",
+    p = argparse.ArgumentParser(description="Time the project's paths against a seed-like naive loop.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="a run's best.pt; None: the newest run, if any")
-    p.add_argument("--num_samples", type=int, default=64, help="slices generated in the timed pass")
-    p.add_argument("--quick", action="store_true", help="8 slices instead of --num_samples")
+    p.add_argument("--quick", action="store_true",
+                   help="a tenth of the split sizes, 3 training steps and 8 samples (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps; None: 20, or 3 with --quick")
+    p.add_argument("--image_size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
+    p.add_argument("--data_dir", default=None, help="slices to copy into the synthetic split; None: the phantom")
+    p.add_argument("--bench_dir", default=str(CACHE_DIR / "bench"), help="where the synthetic split is kept")
+    p.add_argument("--checkpoint", default=None, help="a run's best.pt whose prior is timed; None: the newest run")
+    p.add_argument("--num_samples", type=int, default=64, help="slices generated in the timed sampling")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
     return p
 

@@ -299,22 +299,12 @@ def train_vqvae(args, rank=0, world_size=1):
 
     # ---- model
     cfg = model_config(args)
-    model = VQVAE(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # the layout cuDNN's fastest convs use
+    model, net = build_model(cfg, device, args.compile, world_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, code map {h}x{w} of {cfg.num_embeddings} codes")
-    net = model  # what the training step calls; `model` is always the plain module that is saved
-    if world_size > 1:
-        # Buffers (the codebook's EMA state and ages) are kept equal by the quantizer's own collectives.
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if args.compile:
-        net = torch.compile(net)
 
     # ---- optimizer
-    # With the EMA codebook the codes are buffers updated in forward, so Adam never sees them.
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                 fused=device.type == "cuda" or None)
+    optimizer = build_optimizer(model, args.lr, device)
 
     # ---- resume: everything that decides the rest of the run, so it ends as an uninterrupted one
     start_epoch, best_val, rows, batch_losses = 1, float("inf"), [], []
@@ -331,32 +321,10 @@ def train_vqvae(args, rank=0, world_size=1):
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         model.train()
-        # Summed on the device and read once per epoch: a step never waits for the device.
-        sums = torch.zeros(5, device=device)  # loss, recon, codebook, commitment, ssim (summed over slices)
-        step_losses = torch.zeros(steps_per_epoch, device=device)
         batches = epoch_batches(n_train, args.batch_size, args.seed, epoch, train_images.device, rank, world_size)
-        for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                                        dynamic_ncols=True, disable=not main_rank)):
-            x = get_batch(train_images, idx, device)  # (B, 1, H, W) in [-1, 1]
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, args.precision):
-                out = net(x)
-                recon_loss = F.mse_loss(out["x_recon"].float(), x)  # -log p(x|z_q) up to constants
-                loss = recon_loss + out["vq_loss"]
-                if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
-                    loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step_count, args, total_steps)
-            optimizer.step()
-            step_count += 1
-            with torch.no_grad():
-                train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
-                terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]]).float()
-                sums += torch.cat([terms * x.shape[0], train_ssim[None]])
-                step_losses[step] = loss.detach()
+        sums, step_losses = train_epoch(net, optimizer, train_images, batches, device, args, step_count, total_steps,
+                                        desc=f"epoch {epoch}/{args.epochs}", show=main_rank)
+        step_count += len(batches)
         if world_size > 1:
             dist.all_reduce(sums)  # over the global batches: the numbers a one-process run logs
             dist.all_reduce(step_losses)
@@ -423,6 +391,58 @@ def train_vqvae(args, rank=0, world_size=1):
         log(f"{world_size} processes: the codebook was identical on every rank after every epoch")
     log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     return out_dir, args
+
+
+def build_model(cfg, device, compile=False, world_size=1):
+    """-> (model, net): the VQVAE on `device` (channels_last on CUDA, the layout of cuDNN's fastest
+    convolutions), and what the training step calls: the model, wrapped in DDP under torchrun and
+    compiled with --compile. `model` is the plain module whose state dict is saved."""
+    model = VQVAE(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world_size > 1:
+        # Buffers (the codebook's EMA state and ages) are kept equal by the quantizer's own collectives.
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if compile:
+        net = torch.compile(net)
+    return model, net
+
+
+def build_optimizer(model, lr, device):
+    """Adam over the trainable parameters (with the EMA codebook the codes are buffers updated in
+    forward, so Adam never sees them); the fused kernel on CUDA."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            fused=device.type == "cuda" or None)
+
+
+def train_epoch(net, optimizer, images, batches, device, args, step_count, total_steps, desc="", show=True):
+    """Train on `batches` (index tensors into images (N, 1, H, W) in [0, 1]) -> (sums (5,): loss,
+    recon, codebook, commitment and SSIM summed over this process's slices; the loss of each step).
+    Both stay on the device: no step waits for it; the caller reads them once."""
+    sums = torch.zeros(5, device=device)
+    step_losses = torch.zeros(len(batches), device=device)
+    for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not show)):
+        x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, args.precision):
+            out = net(x)
+            recon_loss = F.mse_loss(out["x_recon"].float(), x)  # -log p(x|z_q) up to constants
+            loss = recon_loss + out["vq_loss"]
+            if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
+                loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step_count + step, args, total_steps)
+        optimizer.step()
+        with torch.no_grad():
+            train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
+            terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]]).float()
+            sums += torch.cat([terms * x.shape[0], train_ssim[None]])
+            step_losses[step] = loss.detach()
+    return sums, step_losses
 
 
 def check_same_codebook(model, epoch):

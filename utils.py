@@ -64,7 +64,8 @@ def configure_backends(device, processes_per_node=1):
     processes do not oversubscribe them."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.cuda.set_device(device)
+        if device.index is not None:  # a torchrun process: its own GPU by default
+            torch.cuda.set_device(device)
     elif device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // processes_per_node))

@@ -199,12 +199,3 @@ def test_every_study_configuration_is_a_valid_train_command():
         assert "," not in label  # labels go into study.csv unquoted
     seed = train.get_parser().parse_args(study.CONFIGS["seed"][1])
     assert (seed.ema, seed.codebook_init, seed.restart_after) == (False, "uniform", 0)
-
-
-def test_bench_times_prior_sampling(tmp_path):
-    """bench.py --quick prints the sampling time (fresh models where no run exists), and a named
-    checkpoint that is missing is one clear error."""
-    proc = run("bench.py", "--quick", "--device", "cpu", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "freshly initialised" in proc.stdout and "prior sampling: 8 slices (32x16 codes of 512" in proc.stdout
-    assert_clean_error(run("bench.py", "--checkpoint", tmp_path / "none.pt", cwd=tmp_path), "does not exist")

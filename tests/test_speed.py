@@ -1,13 +1,16 @@
 """The fast paths keep the results: no per-step host sync, bf16 agrees with fp32, and two torchrun
 processes (gloo, CPU) train the same model as one process with the same global batch."""
+import re
 import subprocess
 from collections import Counter
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
+from utils import ProjectError
 from conftest import ROOT, TINY_MODEL
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero")
@@ -74,3 +77,28 @@ def test_two_torchrun_processes_train_the_one_process_model(tiny_data, tmp_path)
     assert "the codebook was identical on every rank after every epoch" in (tmp_path / "two" / "log.txt").read_text()
     val = train.METRICS.index("val_ssim")
     assert abs(one["history"]["rows"][-1][val] - two["history"]["rows"][-1][val]) < 1e-4
+
+
+def test_bench_prints_every_figure(tiny_data, tmp_path, monkeypatch, capsys):
+    """bench.py end to end on a shrunken split and model: every row with a number, ours against the
+    naive loop; a named checkpoint that is missing is one clear error before anything runs."""
+    import bench
+    monkeypatch.chdir(tmp_path)  # no run here: sampling times fresh default models
+    monkeypatch.setattr(bench, "REAL_SIZES", {"train": 40, "validate": 8, "test": 6})
+    monkeypatch.setattr(bench, "MODEL_FLAGS", TINY_MODEL[3:])  # TINY_MODEL without its image size
+    args = bench.get_parser().parse_args(["--device", "cpu", "--steps", "2", "--image_size", "32", "16",
+                                          "--num_samples", "4", "--data_dir", str(tiny_data),
+                                          "--bench_dir", str(tmp_path / "bench")])
+    bench.main(args)
+    out = capsys.readouterr().out
+    assert len(list((tmp_path / "bench" / "synthetic_40" / "keras_slices_train").iterdir())) == 40
+    for name in ("data load, cold (40 files)", "data load, warm", "data path, no model", "training (2 steps)",
+                 "peak memory", "share in forward+backward", "evaluation (8 slices)", "predict.py (6 test slices)",
+                 "prior sampling (4 slices)"):
+        line = next((l for l in out.splitlines() if l.strip().startswith(name)), None)
+        assert line and re.search(r"\d", line.strip()[len(name):]), (name, out)
+    for name in ("data path", "training (", "evaluation", "predict.py"):  # ours, naive and the ratio
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        assert len(re.findall(r"img/s", line)) == 2 and re.search(r"[\d.,]+x$", line), line
+    with pytest.raises(ProjectError, match="does not exist"):
+        bench.main(bench.get_parser().parse_args(["--checkpoint", str(tmp_path / "none.pt")]))
