@@ -183,13 +183,14 @@ def place(slices, device):
 def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
     """One epoch's batches for this process: index tensors on `device` (where the split lives).
 
-    The order is a permutation of range(n) drawn from (seed, epoch) alone, so a resumed run or a
-    run on more GPUs sees the same batches. It is cut into global batches of `batch_size`; with
+    The order is a permutation of range(n) drawn from (seed, epoch) alone, so a resumed run, a run
+    on another device or on more GPUs sees the same batches. It is cut into global batches of `batch_size`; with
     world_size processes each takes its contiguous share of every global batch (a last batch that
     does not split evenly over the processes is dropped, so every rank steps the same times).
     """
-    g = torch.Generator(device).manual_seed(seed * 100_003 + epoch)
-    batches = torch.randperm(n, generator=g, device=device).split(batch_size)
+    # Drawn on the CPU (identical on every device and every rank), moved once per epoch.
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = torch.randperm(n, generator=g).to(device).split(batch_size)
     if world_size > 1:
         if len(batches[-1]) % world_size:
             batches = batches[:-1]
@@ -200,4 +201,7 @@ def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
 def get_batch(images, idx, device):
     """images (N, 1, H, W) float16 in [0, 1] (on the device or pinned on the host), idx (B,) on the
     same device -> (B, 1, H, W) float32 in [-1, 1] on `device`, without waiting on the device."""
-    return to_model(images[idx].to(device, non_blocking=True))
+    x = images[idx]
+    if x.device.type == "cpu" and device.type == "cuda":
+        x = x.pin_memory()  # the gathered batch is new memory: pinned, so the copy runs asynchronously
+    return to_model(x.to(device, non_blocking=True))

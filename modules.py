@@ -27,6 +27,13 @@ def _nearest(z, e):
         return dist2.argmin(1)
 
 
+def code_counts(indices, K):
+    """How often each of K codes occurs in `indices` (any shape, long) -> (K,) long. torch.bincount
+    reads the indices' range back to the host on CUDA; a scatter-add never waits for the device."""
+    flat = indices.flatten()
+    return torch.zeros(K, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _random_index(total, n, device):
     """n random indices below `total` by the global torch RNG: distinct when total >= n."""
     return torch.randperm(total, device=device)[:n] if total >= n else torch.randint(total, (n,), device=device)
@@ -66,10 +73,9 @@ def kmeans(z, k, iters=KMEANS_ITERS):
     centres = z[_random_index(len(z), k, z.device)].float().clone()
     for _ in range(iters):
         assign = _nearest(z, centres)
-        counts = torch.bincount(assign, minlength=k)
+        counts = code_counts(assign, k)
         sums = torch.zeros_like(centres).index_add_(0, assign, z.float())
-        used = counts > 0
-        centres[used] = sums[used] / counts[used].unsqueeze(1)
+        centres = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centres)
     return centres
 
 
@@ -264,7 +270,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update_codebook(self, z_flat, indices):
         """One training step's codebook bookkeeping: the EMA update, then dead-code restart."""
-        counts = torch.bincount(indices, minlength=self.num_embeddings).float()  # (K,)
+        counts = code_counts(indices, self.num_embeddings).float()  # (K,)
         if _distributed():
             dist.all_reduce(counts)  # code use over the global batch
         if self.ema:

@@ -133,17 +133,19 @@ def lr_at(step, args, total_steps):
 
 
 def rng_state():
-    """Generator states that decide what happens next: the global torch RNG (and CUDA's)."""
+    """Generator states that decide what happens next: the global torch RNG and that of the current
+    CUDA device (the one this process trains on; under torchrun every rank's is the same)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # checkpoints before torchrun support held a list, one per device
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 def open_log(path):
@@ -310,6 +312,8 @@ def train_vqvae(args, rank=0, world_size=1):
     start_epoch, best_val, rows, batch_losses = 1, float("inf"), [], []
     if ckpt:
         model.load_state_dict(ckpt["model"])  # includes the EMA codebook buffers
+        for group in ckpt["optimizer"]["param_groups"]:  # fused on this device, whatever the run began on
+            group["fused"] = optimizer.defaults["fused"]
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])  # the data order is a function of (seed, epoch): nothing to restore
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
@@ -338,12 +342,12 @@ def train_vqvae(args, rank=0, world_size=1):
         batch_losses += epoch_losses
         tr = (sums / (sum(len(b) for b in batches) * world_size)).tolist()  # per slice of the epoch
 
+        if world_size > 1:  # collective: before anything that could stop one rank alone
+            check_same_codebook(model, epoch)
         val = evaluate(model, val_images, device, args.batch_size, precision=args.precision)
         if not math.isfinite(val["loss"]):
             raise ProjectError(f"validation loss is {val['loss']} after epoch {epoch}; stopped without "
                                f"saving it (last good: {out_dir / 'last.pt'}); try a lower --lr")
-        if world_size > 1:
-            check_same_codebook(model, epoch)
         usage, perplexity = codebook_stats(val["counts"])
         rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
                      val["psnr"].mean().item(), usage, perplexity, time.time() - t0])

@@ -1,5 +1,6 @@
 """Shared helpers: the project error, device and seeding, SSIM and PSNR, codebook statistics,
 checkpoints and run folders, evaluation, and figures."""
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
+from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, code_counts
 
 RUNS_ROOT = Path("runs")
 
@@ -72,8 +73,11 @@ def configure_backends(device, processes_per_node=1):
 
 
 def uses_bf16(device, precision):
-    """--precision on `device`: auto is bf16 on CUDA, fp32 elsewhere."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """--precision on `device`: auto is bf16 on CUDA GPUs that compute in it natively (Ampere and
+    later; older ones only emulate it, slowly), fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_for(device, precision):
@@ -101,19 +105,23 @@ def _gaussian_window(sigma=1.5, truncate=3.5):
 SSIM_MIN_SIZE = len(_gaussian_window())  # pixels each way: the window must fit in the image
 
 
+@functools.lru_cache(maxsize=32)
+def _band(n, device, dtype):
+    """(n - 10, n) banded matrix whose row i holds the Gaussian window at columns i..i+10, made once
+    per size, device and dtype (a copy from the host each call would make the device wait)."""
+    g = _gaussian_window().to(dtype)  # float64 -> the image's dtype first (MPS has no float64)
+    k = len(g)
+    rows = torch.arange(n - k + 1)[:, None]
+    m = torch.zeros(n - k + 1, n, dtype=dtype)
+    m[rows, rows + torch.arange(k)] = g
+    return m.to(device)
+
+
 def _gaussian_filter(img):
     """Separable 'valid' Gaussian filter: (N, C, H, W) -> (N, C, H-10, W-10), as two products with
-    banded matrices (row i holds the window at columns i..i+10), which run several times faster than
-    a one-channel convolution on the CPU and in full fp32 on the GPU."""
-    g = _gaussian_window().to(img.dtype).to(img.device)  # float64 -> the image's dtype first (MPS has no float64)
-    k = len(g)
-
-    def band(n):  # (n - k + 1, n)
-        rows = torch.arange(n - k + 1, device=img.device)[:, None]
-        m = torch.zeros(n - k + 1, n, device=img.device, dtype=img.dtype)
-        m[rows, rows + torch.arange(k, device=img.device)] = g
-        return m
-    return band(img.shape[-2]) @ img @ band(img.shape[-1]).t()
+    banded matrices, which run several times faster than a one-channel convolution on the CPU and in
+    full fp32 on the GPU."""
+    return _band(img.shape[-2], img.device, img.dtype) @ img @ _band(img.shape[-1], img.device, img.dtype).t()
 
 
 def _ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy):
@@ -188,7 +196,7 @@ def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
             out = model(x)
         b = x.shape[0]
         sums += torch.stack([F.mse_loss(out["x_recon"].float(), x), out["vq_loss"].float()]) * b
-        counts += torch.bincount(out["indices"].flatten(), minlength=K)
+        counts += code_counts(out["indices"], K)
         r, t = to_unit(out["x_recon"]), to_unit(x)
         ssims.append(ssim(r, t))
         psnrs.append(psnr(r, t))
