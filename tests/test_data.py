@@ -1,5 +1,4 @@
 """The loader: scaling, resizing, one tensor per split, the phantom, and clear bad-input errors."""
-import gzip
 import os
 from pathlib import Path
 

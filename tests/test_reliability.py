@@ -3,7 +3,6 @@ README lists: one line on stderr, exit code 2, nothing already written lost."""
 import csv
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess

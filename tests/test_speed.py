@@ -92,7 +92,7 @@ def test_bench_prints_every_figure(tiny_data, tmp_path, monkeypatch, capsys):
     bench.main(args)
     out = capsys.readouterr().out
     assert len(list((tmp_path / "bench" / "synthetic_40" / "keras_slices_train").iterdir())) == 40
-    for name in ("data load, cold (40 files)", "data load, warm", "data path, no model", "training (2 steps)",
+    for name in ("data load, cold (40 files)", "data load, warm", "data path, no model", "training (2 steps, best of 2)",
                  "peak memory", "share in forward+backward", "evaluation (8 slices)", "predict.py (6 test slices)",
                  "prior sampling (4 slices)"):
         line = next((l for l in out.splitlines() if l.strip().startswith(name)), None)
