@@ -260,7 +260,7 @@ def sampling_models(args, device):
 
 
 def row(name, ours, naive=None, ratio=None):
-    print(f"{name:<34} {ours:>22} {naive or '':>22} {ratio or '':>8}", flush=True)
+    print(f"{name:<44} {ours:>16} {naive or '':>18} {ratio or '':>7}", flush=True)
 
 
 def rate(n, seconds):

@@ -364,7 +364,7 @@ def write_json(path, obj):
 
 def write_nifti_gz(path, img):
     """A nibabel image -> gzipped NIfTI at `path`, through the one atomic writer."""
-    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6)))
+    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=1)))  # level 1 as nibabel writes .nii.gz: 2x faster, a few % larger
 
 
 def write_csv(path, header, rows):

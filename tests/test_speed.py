@@ -77,6 +77,14 @@ def test_two_torchrun_processes_train_the_one_process_model(tiny_data, tmp_path)
     assert "the codebook was identical on every rank after every epoch" in (tmp_path / "two" / "log.txt").read_text()
     val = train.METRICS.index("val_ssim")
     assert abs(one["history"]["rows"][-1][val] - two["history"]["rows"][-1][val]) < 1e-4
+    # A global batch that does not split over the processes is refused by every process, by name.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+           str(ROOT / "train.py"), *map(str, flags[:-len(TINY_MODEL)]), "--batch_size", "3", *TINY_MODEL,
+           "--out_dir", str(tmp_path / "odd")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --batch_size 3 (the global batch) does not split over 2 processes") == 2
+    assert not (tmp_path / "odd").exists()
 
 
 def test_bench_prints_every_figure(tiny_data, tmp_path, monkeypatch, capsys):
