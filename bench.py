@@ -14,7 +14,6 @@ Prints the figures; writes only the synthetic split and its decoded cache.
 import argparse
 import contextlib
 import io
-import math
 import multiprocessing as mp
 import resource
 import shutil
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import predict
 import train
-from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, place, resolve_data_dir
+from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
 from utils import (ProjectError, autocast_for, configure_backends, evaluate, latest_checkpoint, load_checkpoint,
                    load_prior, load_vqvae, pick_device, run_main, save_checkpoint, seed_everything, ssim, to_unit,
@@ -329,7 +328,7 @@ def main(args):
               f"loop reads files)")
         row("  share in forward+backward", f"{1 - ours['outside_seconds'] / ours['seconds']:.1%}")
         row("  loader worker start (per epoch)", "none", f"{naive['worker_start']:.2f} s")
-        epoch_steps = math.ceil(sizes["train"] / targs.batch_size)
+        epoch_steps = num_batches(sizes["train"], targs.batch_size)
         row(f"  epoch of {sizes['train']} (estimate)", f"{epoch_steps * ours['seconds'] / steps:.1f} s",
             f"{naive['worker_start'] + epoch_steps * naive['seconds'] / steps:.1f} s")
 

@@ -1,4 +1,4 @@
-"""HipMRI 2D slices: NIfTI files -> one in-memory tensor per split -> torch Dataset and loaders.
+"""HipMRI 2D slices: NIfTI files -> one tensor per split (cached on disk, placed on the device) -> batches.
 
 A data folder holds `keras_slices_train`, `keras_slices_validate` and `keras_slices_test` (label
 folders `keras_slices_seg_*` beside them are ignored). Each split is used as given: patients never
@@ -180,6 +180,12 @@ def place(slices, device):
     return x.to(device)
 
 
+def num_batches(n, batch_size, world_size=1):
+    """Batches per epoch of epoch_batches: a last batch that does not split over the processes is dropped."""
+    full, rest = divmod(n, batch_size)
+    return full + (rest > 0 and rest % world_size == 0)
+
+
 def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
     """One epoch's batches for this process: index tensors on `device` (where the split lives).
 
@@ -190,12 +196,8 @@ def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
     """
     # Drawn on the CPU (identical on every device and every rank), moved once per epoch.
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    batches = torch.randperm(n, generator=g).to(device).split(batch_size)
-    if world_size > 1:
-        if len(batches[-1]) % world_size:
-            batches = batches[:-1]
-        batches = [b.view(world_size, -1)[rank] for b in batches]
-    return batches
+    batches = torch.randperm(n, generator=g).to(device).split(batch_size)[:num_batches(n, batch_size, world_size)]
+    return [b.view(world_size, -1)[rank] for b in batches] if world_size > 1 else batches
 
 
 def get_batch(images, idx, device):

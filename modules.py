@@ -244,8 +244,10 @@ class VectorQuantizer(nn.Module):
         B, D, h, w = z_e.shape
         z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         if self.training and self._needs_init:
-            self._set_codes(torch.arange(self.num_embeddings, device=z_e.device),
-                            kmeans(_gather_rows(z_flat.detach().float()), self.num_embeddings))
+            centres = kmeans(_gather_rows(z_flat.detach().float()), self.num_embeddings)  # (K, D)
+            if _distributed():  # every rank computed them from the same rows; rank 0's copy rules
+                dist.broadcast(centres, src=0)
+            self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool, device=z_e.device), centres)
             self.initialized.fill_(True)
             self._needs_init = False
         indices = self.nearest(z_flat)  # (B*h*w,)
@@ -289,12 +291,7 @@ class VectorQuantizer(nn.Module):
             # no step waits on the device to learn how many codes died.
             self.code_age.add_(1).masked_fill_(counts > 0, 0)
             dead = self.code_age >= self.restart_after  # (K,) bool
-            fresh = _random_rows(z_flat, self.num_embeddings)  # (K, D), the same on every rank
-            weight = self.codebook.weight.data
-            weight.copy_(torch.where(dead[:, None], fresh.to(weight.dtype), weight))
-            if self.ema:
-                self.ema_cluster_size.masked_fill_(dead, 1.0)
-                self.ema_embed_sum.copy_(torch.where(dead[:, None], fresh, self.ema_embed_sum))
+            self._set_codes(dead, _random_rows(z_flat, self.num_embeddings))  # candidates: the same on every rank
             self.code_age.masked_fill_(dead, 0)
 
     @staticmethod
@@ -303,15 +300,15 @@ class VectorQuantizer(nn.Module):
             module._needs_init = not bool(module.initialized)
 
     @torch.no_grad()
-    def _set_codes(self, rows, vectors):
-        """Codes `rows` <- `vectors` (n, D), as rank 0 has them, with fresh EMA state N = 1, m = e."""
-        vectors = vectors.float().contiguous()
-        if _distributed():
-            dist.broadcast(vectors, src=0)
-        self.codebook.weight.data[rows] = vectors.to(self.codebook.weight.dtype)
+    def _set_codes(self, mask, vectors):
+        """Codes where mask (K,) is true <- those rows of vectors (K, D), with fresh EMA state
+        N = 1, m = e; branch-free, so the device is never asked which codes changed."""
+        vectors = vectors.float()
+        weight = self.codebook.weight.data
+        weight.copy_(torch.where(mask[:, None], vectors.to(weight.dtype), weight))
         if self.ema:
-            self.ema_cluster_size[rows] = 1.0
-            self.ema_embed_sum[rows] = vectors
+            self.ema_cluster_size.masked_fill_(mask, 1.0)
+            self.ema_embed_sum.copy_(torch.where(mask[:, None], vectors, self.ema_embed_sum))
 
 
 class VQVAE(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_split, place, resolve_data_dir, stem
+from modules import code_counts
 from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception, inception_features, kid,
                    configure_backends, latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
                    prior_nll_bits, run_main, save_code_histogram, save_comparison, save_image_grid, to_unit,
@@ -121,8 +122,8 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     sample_max, nearest = max_ssim_to(samples, train_images, device)
     test_max, _ = max_ssim_to(real[test_pick[:args.num_samples]], train_images, device)
     K = model.cfg.num_embeddings
-    sample_counts = torch.bincount(codes[:n].flatten().cpu(), minlength=K)
-    test_counts = torch.bincount(test_res["indices"][test_pick[:n]].flatten(), minlength=K)
+    sample_counts = code_counts(codes[:n].cpu(), K)
+    test_counts = code_counts(test_res["indices"][test_pick[:n]], K)
     gen = {"num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
            "prior_checkpoint": str(prior_path), "prior_epoch": prior_ckpt["epoch"],
            "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import epoch_batches, get_batch, load_split, place, resolve_data_dir
+from dataset import epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
 from modules import (CODEBOOK_INITS, PRIOR_ARCHS, SEED_CODEBOOK, VQVAE, PriorConfig, VQVAEConfig, build_prior,
                      latent_shape)
 from utils import (BITS_PER_NAT, SSIM_MIN_SIZE, ProjectError, autocast_for, codebook_stats, configure_backends,
@@ -99,6 +99,7 @@ def resume_args(args):
                            f"over {old['epochs']} epochs and has decayed; resume without --epochs, or start "
                            f"a new run")
     now = {k: v for k, v in vars(args).items() if k in later and was_given(args, k, defaults)}
+    now.update({k: getattr(args, k) for k in ("precision", "compile") if was_given(args, k, defaults)})
     merged = argparse.Namespace(**{**old, **now, "resume": args.resume, "device": args.device,
                                    "given": getattr(args, "given", None),
                                    "out_dir": str(path.parent), "epochs": args.epochs or old["epochs"]})
@@ -272,8 +273,7 @@ def train_vqvae(args, rank=0, world_size=1):
     val_set = load_split(data_dir, "validate", image_size)
     train_images, val_images = place(train_set, device), place(val_set, device)  # (N, 1, H, W) float16 in [0, 1]
     n_train = len(train_images)
-    steps_per_epoch = len(epoch_batches(n_train, args.batch_size, args.seed, 1, train_images.device,
-                                        rank, world_size))
+    steps_per_epoch = num_batches(n_train, args.batch_size, world_size)
     total_steps = args.epochs * steps_per_epoch
     if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
         raise ProjectError(f"--warmup_steps {args.warmup_steps} is not shorter than the run ({total_steps} "
@@ -427,9 +427,7 @@ def train_epoch(net, optimizer, images, batches, device, args, step_count, total
     sums = torch.zeros(5, device=device)
     step_losses = torch.zeros(len(batches), device=device)
     for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not show)):
-        x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]; one channel: already channels_last
         with autocast_for(device, args.precision):
             out = net(x)
             recon_loss = F.mse_loss(out["x_recon"].float(), x)  # -log p(x|z_q) up to constants

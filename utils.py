@@ -61,15 +61,15 @@ def pick_device(name=None, local_rank=None):
 
 def configure_backends(device, processes_per_node=1):
     """Speed settings for `device`: cuDNN autotuning on CUDA (the input size never changes); on the
-    CPU, this process's share of the cores it may run on as intra-op threads, so that torchrun's
-    processes do not oversubscribe them."""
+    CPU, torch's default threads (one per physical core) for one process, and under torchrun each
+    process's share of the cores it may run on, so that the processes do not oversubscribe them."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if device.index is not None:  # a torchrun process: its own GPU by default
             torch.cuda.set_device(device)
-    elif device.type == "cpu":
+    elif device.type == "cpu" and processes_per_node > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // processes_per_node))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores) // processes_per_node))
 
 
 def uses_bf16(device, precision):

@@ -133,3 +133,17 @@ def test_compiled_training_saves_the_plain_model(tiny_data, tmp_path):
     init = VQVAE(VQVAEConfig.from_dict(eager["model_args"])).state_dict()
     moved = [(eager["model"][k].float() - init[k].float()).abs().max().item() for k in init if not k.startswith("vq.")]
     assert min(moved) > 3e-3, min(moved)
+
+
+def test_resume_takes_precision_and_compile_from_the_command(tiny_data, tmp_path):
+    """--precision and --compile say how a run computes, not what it is: a resumed run takes them
+    from the command when typed, and from the run otherwise."""
+    train.train_vqvae(tiny_args(tiny_data, tmp_path / "run", "--epochs", 1, "--batch_size", 4))
+    def resumed(*argv):
+        args = train.get_parser().parse_args(["--resume", str(tmp_path / "run"), *argv])
+        args.given = train.given_flags(["--resume", str(tmp_path / "run"), *argv])
+        return train.resume_args(args)[1]
+    again = resumed("--precision", "bf16", "--compile")
+    assert (again.precision, again.compile) == ("bf16", True)
+    kept = resumed()
+    assert (kept.precision, kept.compile) == ("auto", False) and kept.num_embeddings == 32
