@@ -34,7 +34,7 @@ import train
 from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
 from utils import (ProjectError, autocast_for, configure_backends, evaluate, latest_checkpoint, load_checkpoint,
-                   load_prior, load_vqvae, pick_device, run_main, save_checkpoint, seed_everything, ssim, to_unit,
+                   load_prior, load_vqvae, pick_device, run_main, save_checkpoint, seed_everything, to_unit,
                    uses_bf16)
 
 REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
@@ -146,17 +146,16 @@ def train_phase(kind, root, image_size, steps, device_name, model_flags, cache):
         # The step's work outside the model's forward and backward, each part timed alone on the same
         # batches: the data path, the optimizer step, and the metrics summed on the device.
         x = get_batch(images, batches[-1], device)
-        with autocast_for(device, args.precision):
+        with torch.no_grad(), autocast_for(device, args.precision):
             out = net(x)
-        r = out["x_recon"].detach()
+            loss = recon_loss = F.mse_loss(out["x_recon"].float(), x)
 
         def outside():
             for idx in batches[1:]:
                 get_batch(images, idx, device)
             for _ in batches[1:]:
                 optimizer.step()
-                ssim(to_unit(r), to_unit(x)).sum()
-                torch.stack([out["vq_loss"], out["codebook_loss"], out["commitment_loss"]]).float().detach()
+                train.step_metrics(out, x, loss, recon_loss)
         res["outside_seconds"] = timed(outside, device)[0]
     else:
         model = VQVAE(cfg).to(device)

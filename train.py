@@ -439,12 +439,18 @@ def train_epoch(net, optimizer, images, batches, device, args, step_count, total
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step_count + step, args, total_steps)
         optimizer.step()
-        with torch.no_grad():
-            train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
-            terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]]).float()
-            sums += torch.cat([terms * x.shape[0], train_ssim[None]])
-            step_losses[step] = loss.detach()
+        sums += step_metrics(out, x, loss, recon_loss)
+        step_losses[step] = loss.detach()
     return sums, step_losses
+
+
+@torch.no_grad()
+def step_metrics(out, x, loss, recon_loss):
+    """One step's (5,) loss, recon, codebook and commitment terms and SSIM, summed over the batch x
+    (B, 1, H, W) in [-1, 1]; on the device."""
+    train_ssim = ssim(to_unit(out["x_recon"]), to_unit(x)).sum()
+    terms = torch.stack([loss, recon_loss, out["codebook_loss"], out["commitment_loss"]]).float()
+    return torch.cat([terms * x.shape[0], train_ssim[None]])
 
 
 def check_same_codebook(model, epoch):
