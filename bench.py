@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 import predict
 import train
 from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
-from utils import (ProjectError, autocast_for, configure_backends, evaluate, latest_checkpoint, load_checkpoint,
-                   load_prior, load_vqvae, pick_device, run_main, save_checkpoint, seed_everything, to_unit,
+from metrics import evaluate
+from modules import VQVAE, build_prior
+from utils import (ProjectError, autocast_for, configure_backends, latest_checkpoint, load_checkpoint, load_prior,
+                   load_vqvae, make_checkpoint, pick_device, run_main, save_checkpoint, seed_everything, to_unit,
                    uses_bf16)
 
 REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
@@ -98,9 +99,10 @@ def skimage_ssim(recon, x):
 
 # ----------------------------------------------------------------------------- phases
 
-def train_args(device, image_size):
-    return train.get_parser().parse_args(["--device", str(device), "--image_size", *map(str, image_size),
-                                          *MODEL_FLAGS])
+def train_run(device, image_size):
+    """The RunConfig of `python train.py --device D --image_size H W` with MODEL_FLAGS."""
+    flags = train.get_parser().parse_args(["--device", str(device), "--image_size", *map(str, image_size), *MODEL_FLAGS])
+    return train.RunConfig.from_flags(vars(flags))
 
 
 def peak_memory(device):
@@ -122,8 +124,8 @@ def train_phase(kind, root, image_size, steps, device_name, model_flags, cache):
     device = pick_device(device_name)
     configure_backends(device)
     seed_everything(0)
-    args = train_args(device, image_size)
-    cfg = train.model_config(args)
+    run = train_run(device, image_size)
+    args, cfg = run.train, run.model
     res = {}
     if kind == "ours":
         images = place(load_split(root, "train", image_size, cache_dir=cache), device)
@@ -253,7 +255,8 @@ def sampling_models(args, device):
         prior = load_prior(load_checkpoint(prior_path, kind="prior"), prior_path, device)
         return vqvae, prior, f"the models of {path.parent}"
     torch.manual_seed(0)
-    return (VQVAE(VQVAEConfig()).to(device).eval(), build_prior(PriorConfig()).to(device).eval(),
+    run = train.RunConfig.from_flags({})  # python train.py's models
+    return (VQVAE(run.model).to(device).eval(), build_prior(run.prior).to(device).eval(),
             "fresh default models (no trained run)")
 
 
@@ -276,7 +279,8 @@ def main(args):
     steps = args.steps or (3 if args.quick else 20)
     source = resolve_data_dir(args.data_dir)
     root = synthetic_split(source, sizes, Path(args.bench_dir) / f"synthetic_{sizes['train']}")
-    targs = train_args(device, image_size)
+    run = train_run(device, image_size)
+    targs = run.train
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {'bf16' if uses_bf16(device, targs.precision) else 'fp32'}; "
           f"seed configuration at {image_size[0]}x{image_size[1]}, batch {targs.batch_size}; synthetic split of "
           f"{sizes['train']} / {sizes['validate']} / {sizes['test']} slices ({root})")
@@ -333,7 +337,7 @@ def main(args):
 
         # ---- evaluation of the validation split
         torch.manual_seed(0)
-        model = VQVAE(train.model_config(targs)).to(device).eval()
+        model = VQVAE(run.model).to(device).eval()
         val = place(load_split(root, "validate", image_size, cache_dir=cache), device)
         evaluate(model, val[:targs.batch_size], device, targs.batch_size, precision=targs.precision)  # warm-up
         t_ours, _ = timed(lambda: evaluate(model, val, device, targs.batch_size, precision=targs.precision), device)
@@ -344,9 +348,7 @@ def main(args):
         # ---- predict.py on the test split (reconstructions, SSIM, NIfTI files, figures; no samples)
         ckpt = tmp / "run" / "best.pt"
         ckpt.parent.mkdir()
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": {}, "epoch": 0, "best_val": 0.0,
-                               "model_args": model.cfg.to_dict(), "kind": "vqvae",
-                               "config": {"data_dir": str(root), "image_size": list(image_size)}})
+        save_checkpoint(ckpt, make_checkpoint("vqvae", model, {"data_dir": str(root)}))
         pargs = predict.get_parser().parse_args(["--checkpoint", str(ckpt), "--num_samples", "0",
                                                  "--device", str(device), "--out_dir", str(tmp / "predict")])
         with contextlib.redirect_stdout(io.StringIO()):

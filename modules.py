@@ -3,7 +3,7 @@
 Follows van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
 Pure tensor code: no argparse, no file I/O.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -82,25 +82,87 @@ def kmeans(z, k, iters=KMEANS_ITERS):
 SEED_CODEBOOK = {"codebook_init": "uniform", "restart_after": 0}  # the seed's codebook, without health
 
 
+# ----------------------------------------------------------------------------- settings
+
+def setting(default, help, rule=None, choices=None, metavar=None):
+    """A config field that is also a command-line setting: its default, its help text and the values
+    it allows (rule: '>= a', '> a' or an interval such as 'in [0, 1)'; choices: the allowed values).
+    train.py makes each flag from its field, and every config checks itself (check_settings), so a
+    new setting is one field plus its use."""
+    return field(default=default, metadata={"help": help, "rule": rule, "choices": choices, "metavar": metavar})
+
+
+def _obeys(value, rule):
+    """Whether a number meets `rule` ('>= a', '> a', 'in [a, b)' and the like); NaN never does."""
+    if rule.startswith("in "):
+        lo, hi = (float(b) for b in rule[4:-1].split(", "))
+        return (value >= lo if rule[3] == "[" else value > lo) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_settings(cfg):
+    """Raise ValueError naming the first field of the dataclass `cfg` whose value has the wrong type
+    or breaks its rule or choices (a field whose default is None may also be None)."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None and f.default is None:
+            continue
+        items = value if f.type is tuple and isinstance(value, tuple) else [value]
+        kind = int if f.type is tuple else f.type
+        # bool is an int to Python, and a whole number is a fine float; "16" or 1.5 is no int
+        if f.type is tuple and not isinstance(value, tuple) or not all(
+                isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+                or kind is float and isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"{f.name} must be {'integers' if f.type is tuple else 'a ' + kind.__name__}, "
+                             f"got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if meta.get("rule") and not all(_obeys(v, meta["rule"]) for v in items):
+            rule = meta["rule"]
+            need = f"satisfy {f.name} {rule}" if rule.startswith("in ") else f"be {rule}"
+            raise ValueError(f"{f.name} must {need}, got {value!r}")
+
+
 @dataclass
 class VQVAEConfig:
-    """Model hyperparameters; saved in checkpoints as the plain dict `model_args`."""
-    in_channels: int = 1
-    num_hiddens: int = 128
-    num_residual_layers: int = 2
-    num_residual_hiddens: int = 32
-    num_downsampling_layers: int = 3
-    embedding_dim: int = 128
-    num_embeddings: int = 512
-    commitment_cost: float = 0.25
-    ema: bool = False
-    decay: float = 0.99
-    epsilon: float = 1e-5
-    codebook_init: str = "kmeans"  # "kmeans" on the first training batch, or "uniform" (the seed's +-1/K)
-    restart_after: int = 2  # re-seed a code unused for this many training steps; 0: never (the seed)
+    """Model hyperparameters, each a flag of train.py of the same name; saved in checkpoints as the
+    plain dict `model_args`, from which predict.py rebuilds the model. The defaults differ from the
+    seed only in the codebook's health (see README, the codebook study)."""
+    image_size: tuple = setting((256, 128), "slices are resized to H x W; 256 256 reproduces the seed's "
+                                "stretched grid", rule=">= 1", metavar=("H", "W"))
+    in_channels: int = 1  # one MR channel; not a flag
+    num_hiddens: int = setting(128, "channels of the encoder and decoder", rule=">= 2")
+    num_residual_layers: int = setting(2, "residual blocks in the encoder and in the decoder", rule=">= 0")
+    num_residual_hiddens: int = setting(32, "channels inside a residual block", rule=">= 1")
+    num_downsampling_layers: int = setting(3, "stride-2 convs; the code map is the image size / 2**this",
+                                           rule=">= 1")
+    embedding_dim: int = setting(128, "length of a code vector", rule=">= 1")
+    num_embeddings: int = setting(512, "codebook size K", rule=">= 1")
+    commitment_cost: float = setting(0.25, "beta, weighting the commitment term only", rule=">= 0")
+    ema: bool = setting(False, "EMA codebook updates instead of the codebook loss")
+    decay: float = setting(0.99, "EMA decay (with --ema)", rule="in [0, 1)")
+    epsilon: float = setting(1e-5, "EMA Laplace smoothing (with --ema)", rule="> 0")
+    codebook_init: str = setting("kmeans", "uniform: the seed's +-1/K codes; kmeans: k-means of the first "
+                                 "batch's encoder outputs", choices=CODEBOOK_INITS)
+    restart_after: int = setting(2, "re-seed a code unused for this many steps with a random encoder "
+                                 "output; 0: never", rule=">= 0")
+
+    def __post_init__(self):
+        if isinstance(self.image_size, list):  # as checkpoints and JSON hold it
+            self.image_size = tuple(self.image_size)
+        check_settings(self)
+        if len(self.image_size) != 2:
+            raise ValueError(f"image_size must be two numbers, H and W, got {self.image_size!r}")
+        self.latent_shape  # the image size must divide into the code map
+
+    @property
+    def latent_shape(self):
+        """(h, w) of the code map: image_size / 2**num_downsampling_layers."""
+        return latent_shape(self.image_size, self.num_downsampling_layers)
 
     def to_dict(self):
-        return asdict(self)
+        return {**asdict(self), "image_size": list(self.image_size)}
 
     @classmethod
     def from_dict(cls, model_args):
@@ -109,13 +171,13 @@ class VQVAEConfig:
         return cls(**{**SEED_CODEBOOK, **model_args})
 
 
-
 def latent_shape(image_size, num_downsampling_layers):
     """(H, W) -> (h, w) of the code map; H and W must be positive multiples of 2**num_downsampling_layers."""
     f = 2 ** num_downsampling_layers
     H, W = image_size
     if H <= 0 or W <= 0 or H % f or W % f:
-        raise ValueError(f"image size {H}x{W} must be a positive multiple of {f} (2**num_downsampling_layers)")
+        raise ValueError(f"image_size {H}x{W} must be a positive multiple of {f}, as num_downsampling_layers "
+                         f"is {num_downsampling_layers}")
     return H // f, W // f
 
 
@@ -143,9 +205,9 @@ class ResidualStack(nn.Module):
 class Encoder(nn.Module):
     """x: (B, C, H, W) -> (B, num_hiddens, H / 2**L, W / 2**L) with L stride-2 4x4 convs."""
 
-    def __init__(self, in_channels, num_hiddens, num_downsampling_layers, num_residual_layers,
-                 num_residual_hiddens):
+    def __init__(self, cfg: VQVAEConfig):
         super().__init__()
+        in_channels, num_hiddens, num_downsampling_layers = cfg.in_channels, cfg.num_hiddens, cfg.num_downsampling_layers
         layers = []
         for i in range(num_downsampling_layers):
             c_in = in_channels if i == 0 else num_hiddens // 2
@@ -153,7 +215,7 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
         layers.append(nn.Conv2d(num_hiddens, num_hiddens, 3, padding=1))
         self.net = nn.Sequential(*layers)
-        self.residual_stack = ResidualStack(num_hiddens, num_residual_layers, num_residual_hiddens)
+        self.residual_stack = ResidualStack(num_hiddens, cfg.num_residual_layers, cfg.num_residual_hiddens)
 
     def forward(self, x):
         return self.residual_stack(self.net(x))  # (B, num_hiddens, h, w)
@@ -162,11 +224,11 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z: (B, embedding_dim, h, w) -> (B, C, h * 2**L, w * 2**L), mirroring the Encoder."""
 
-    def __init__(self, embedding_dim, num_hiddens, num_upsampling_layers, num_residual_layers,
-                 num_residual_hiddens, out_channels):
+    def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        self.conv = nn.Conv2d(embedding_dim, num_hiddens, 3, padding=1)
-        self.residual_stack = ResidualStack(num_hiddens, num_residual_layers, num_residual_hiddens)
+        num_hiddens, num_upsampling_layers, out_channels = cfg.num_hiddens, cfg.num_downsampling_layers, cfg.in_channels
+        self.conv = nn.Conv2d(cfg.embedding_dim, num_hiddens, 3, padding=1)
+        self.residual_stack = ResidualStack(num_hiddens, cfg.num_residual_layers, cfg.num_residual_hiddens)
         layers = []
         for i in range(num_upsampling_layers):
             last = i == num_upsampling_layers - 1
@@ -187,8 +249,7 @@ class VectorQuantizer(nn.Module):
     With `ema=True` the codebook is not trained by gradients but by exponential moving averages of
     the encoder outputs assigned to each code (paper, appendix A.1), updated in train mode only.
 
-    Codebook health, acting in train mode only; this class defaults to the seed (both off), while
-    VQVAEConfig, and so train.py, turns both on:
+    Codebook health, acting in train mode only (VQVAEConfig turns both on; SEED_CODEBOOK is off):
     - codebook_init="kmeans": on the first training batch the codebook is set to k-means centres of
       the encoder outputs, so every code starts where the data is (the seed's +-1/K codes sit in a
       tiny ball that one code wins for every input, which is how the codebook collapses);
@@ -201,19 +262,17 @@ class VectorQuantizer(nn.Module):
     both (`initialized`, `code_age`) is in buffers, so it is saved and resumed with the weights.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, ema=False, decay=0.99,
-                 epsilon=1e-5, codebook_init="uniform", restart_after=0):
+    def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        if codebook_init not in CODEBOOK_INITS:
-            raise ValueError(f"codebook_init must be one of {CODEBOOK_INITS}, got {codebook_init!r}")
+        num_embeddings, embedding_dim, ema, codebook_init = cfg.num_embeddings, cfg.embedding_dim, cfg.ema, cfg.codebook_init
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
-        self.commitment_cost = commitment_cost
+        self.commitment_cost = cfg.commitment_cost
         self.ema = ema
-        self.decay = decay
-        self.epsilon = epsilon
+        self.decay = cfg.decay
+        self.epsilon = cfg.epsilon
         self.codebook_init = codebook_init
-        self.restart_after = restart_after
+        self.restart_after = restart_after = cfg.restart_after
         self.codebook = nn.Embedding(num_embeddings, embedding_dim)
         self.codebook.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         if ema:
@@ -317,16 +376,14 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.in_channels, cfg.num_hiddens, cfg.num_downsampling_layers,
-                               cfg.num_residual_layers, cfg.num_residual_hiddens)
+        self.encoder = Encoder(cfg)
         self.pre_vq_conv = nn.Conv2d(cfg.num_hiddens, cfg.embedding_dim, 1)
-        self.vq = VectorQuantizer(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost,
-                                  cfg.ema, cfg.decay, cfg.epsilon, cfg.codebook_init, cfg.restart_after)
-        self.decoder = Decoder(cfg.embedding_dim, cfg.num_hiddens, cfg.num_downsampling_layers,
-                               cfg.num_residual_layers, cfg.num_residual_hiddens, cfg.in_channels)
+        self.vq = VectorQuantizer(cfg)
+        self.decoder = Decoder(cfg)
 
-    def latent_shape(self, image_size):
-        return latent_shape(image_size, self.cfg.num_downsampling_layers)
+    def latent_shape(self, image_size=None):
+        """(h, w) of the code map of images of `image_size` (H, W); None: the model's own input size."""
+        return self.cfg.latent_shape if image_size is None else latent_shape(image_size, self.cfg.num_downsampling_layers)
 
     def forward(self, x):
         """x: (B, C, H, W) in [-1, 1] -> dict with x_recon (B, C, H, W), indices (B, h, w) and the
@@ -356,16 +413,31 @@ PRIOR_ARCHS = ("transformer", "pixelcnn")
 
 @dataclass
 class PriorConfig:
-    """Prior hyperparameters; saved in prior checkpoints as the plain dict `model_args`."""
-    num_embeddings: int = 512  # codes of the VQ-VAE; token num_embeddings is the start token
-    latent_h: int = 32  # code-map rows (image height / 2**num_downsampling_layers)
-    latent_w: int = 16  # code-map columns
-    arch: str = "transformer"  # or "pixelcnn", the gated PixelCNN of the VQ-VAE paper
-    num_layers: int = 4
-    num_heads: int = 4  # transformer only
-    hidden_dim: int = 128
-    dropout: float = 0.1
-    kernel_size: int = 5  # pixelcnn only: width of the masked convolutions
+    """Prior hyperparameters: the code map's size and codes come from the VQ-VAE (for_vqvae), the
+    rest are flags of train.py named prior_<field>; saved in prior checkpoints as `model_args`."""
+    num_embeddings: int  # codes of the VQ-VAE; token num_embeddings is the start token
+    latent_h: int  # code-map rows (image height / 2**num_downsampling_layers)
+    latent_w: int  # code-map columns
+    arch: str = setting("transformer", "causal transformer (sampling with a key/value cache) or the paper's "
+                        "gated PixelCNN", choices=PRIOR_ARCHS)
+    num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule=">= 1")
+    num_heads: int = setting(4, "attention heads per block (transformer)", rule=">= 1")
+    hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
+    dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")
+    kernel_size: int = setting(5, "masked convolution width (pixelcnn)", rule=">= 1")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.arch == "transformer" and self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of num_heads {self.num_heads}")
+        if self.arch == "pixelcnn" and self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (centred on the current column), got {self.kernel_size}")
+
+    @classmethod
+    def for_vqvae(cls, vq: VQVAEConfig, **settings):
+        """The prior over the code maps of the VQ-VAE `vq`, with the given prior settings."""
+        h, w = vq.latent_shape
+        return cls(num_embeddings=vq.num_embeddings, latent_h=h, latent_w=w, **settings)
 
     def to_dict(self):
         return asdict(self)
@@ -512,10 +584,6 @@ class GatedPixelCNN(AutoregressivePrior):
 
 def build_prior(cfg: PriorConfig):
     """The prior that cfg.arch names."""
-    if cfg.arch not in PRIOR_ARCHS:
-        raise ValueError(f"prior arch must be one of {PRIOR_ARCHS}, got {cfg.arch!r}")
-    if cfg.arch == "pixelcnn" and cfg.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (centred on the current column), got {cfg.kernel_size}")
     return (CodePrior if cfg.arch == "transformer" else GatedPixelCNN)(cfg)
 
 

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_split, place, resolve_data_dir, stem
+from figures import save_code_histogram, save_comparison, save_image_grid
+from metrics import (codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
+                     prior_nll_bits)
 from modules import code_counts
-from utils import (ProjectError, codebook_stats, evaluate, fid, fingerprint, inception, inception_features, kid,
-                   configure_backends, latest_checkpoint, load_checkpoint, load_prior, load_vqvae, max_ssim_to, pick_device,
-                   prior_nll_bits, run_main, save_code_histogram, save_comparison, save_image_grid, to_unit,
-                   write_csv, write_json, write_nifti_gz)
+from utils import (ProjectError, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
+                   load_vqvae, pick_device, run_main, to_unit, write_csv, write_json, write_nifti_gz)
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 NUM_BESIDE = 8  # samples shown beside their nearest training slices and real test slices
@@ -83,7 +84,7 @@ def find_prior(args, vq_ckpt, ckpt_path):
     return prior_ckpt, prior_path
 
 
-def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, image_size, out_dir, device):
+def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device):
     """Sample --num_samples slices from the prior and measure them against the test split -> metrics."""
     prior = load_prior(prior_ckpt, prior_path, device)
 
@@ -96,8 +97,8 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
-    train_set = load_split(data_dir, "train", image_size)
-    affine, header = sample_affine(train_set, image_size)
+    train_set = load_split(data_dir, "train", model.cfg.image_size)
+    affine, header = sample_affine(train_set, model.cfg.image_size)
     (out_dir / "samples").mkdir(exist_ok=True)
     for i, x in enumerate(samples):
         img = nib.Nifti1Image(x[0].numpy().astype(np.float32), affine, header)
@@ -155,7 +156,6 @@ def main(args):
     configure_backends(device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)
-    config = ckpt["config"]
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / "predict"
     try:
         (out_dir / "recon").mkdir(parents=True, exist_ok=True)
@@ -168,8 +168,8 @@ def main(args):
     prior = find_prior(args, ckpt, ckpt_path)
     if prior:
         inception(device)
-    image_size = tuple(config["image_size"])
-    data_dir = resolve_data_dir(args.data_dir or config["data_dir"])
+    image_size = model.cfg.image_size  # the model's own input size
+    data_dir = resolve_data_dir(args.data_dir or ckpt["config"]["data_dir"])
     test_set = load_split(data_dir, args.split, image_size)
 
     # ---- reconstruct and score
@@ -185,7 +185,7 @@ def main(args):
 
     # ---- generate, when the run has a prior
     if prior:
-        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, image_size, out_dir, device)
+        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, out_dir, device)
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
@@ -209,19 +209,23 @@ def main(args):
     print(f"codebook: {usage:.1%} of {model.cfg.num_embeddings} codes used, perplexity {perplexity:.1f}")
     print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png, code_histogram.png and recon/*.nii.gz")
     if "generation" in metrics:
-        gen = metrics["generation"]
-        fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
-        print(f"prior: test NLL {gen['prior_test_nll_bits']:.4f} bits per code; sampled {gen['num_samples']} "
-              f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
-        for name, label in (("samples", "samples"), ("reconstructions", "test reconstructions"),
-                            ("train_subset", "real train slices")):
-            print(f"  vs test: {label:21s} FID {fids[name]:8.2f}  KID {kids[name]['mean']:.4f} +- "
-                  f"{kids[name]['std']:.4f}")
-        print(f"  memorisation: max SSIM to any training slice, mean {mem['samples_max_ssim_to_train_mean']:.4f} "
-              f"for samples vs {mem['test_max_ssim_to_train_mean']:.4f} for real test slices")
-        print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by {div['maps']} samples vs "
-              f"{div['test_codebook_usage']:.1%} by {div['maps']} test slices")
-        print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
+        print_generation(metrics["generation"], out_dir)
+
+
+def print_generation(gen, out_dir):
+    """The generation metrics of metrics.json, as lines for the terminal."""
+    fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
+    print(f"prior: test NLL {gen['prior_test_nll_bits']:.4f} bits per code; sampled {gen['num_samples']} "
+          f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
+    for name, label in (("samples", "samples"), ("reconstructions", "test reconstructions"),
+                        ("train_subset", "real train slices")):
+        print(f"  vs test: {label:21s} FID {fids[name]:8.2f}  KID {kids[name]['mean']:.4f} +- "
+              f"{kids[name]['std']:.4f}")
+    print(f"  memorisation: max SSIM to any training slice, mean {mem['samples_max_ssim_to_train_mean']:.4f} "
+          f"for samples vs {mem['test_max_ssim_to_train_mean']:.4f} for real test slices")
+    print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by {div['maps']} samples vs "
+          f"{div['test_codebook_usage']:.1%} by {div['maps']} test slices")
+    print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
 
 
 def get_parser():

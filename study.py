@@ -18,7 +18,8 @@ import numpy as np
 
 import predict
 import train
-from utils import ProjectError, run_main, save_curves, write_csv, write_nifti_gz
+from figures import save_curves
+from utils import ProjectError, run_main, write_csv, write_nifti_gz
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 SEED = ["--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]

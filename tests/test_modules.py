@@ -5,10 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import VQVAE, VectorQuantizer, VQVAEConfig
+from modules import SEED_CODEBOOK, VQVAE, VectorQuantizer, VQVAEConfig
 
 TINY = dict(num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2, embedding_dim=8,
             num_embeddings=32)
+
+
+def quantizer(num_embeddings, embedding_dim, **kw):
+    """A VectorQuantizer with the seed's codebook (uniform codes, no restarts) unless kw asks otherwise."""
+    return VectorQuantizer(VQVAEConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
+                                       **{**SEED_CODEBOOK, **kw}))
 
 
 def tiny_model(**kw):
@@ -41,7 +47,7 @@ def test_encode_decode_indices_agree_with_forward_in_eval(ema):
 
 
 def test_nearest_is_squared_l2_argmin():
-    vq = VectorQuantizer(16, 4)
+    vq = quantizer(16, 4)
     z = torch.randn(50, 4)
     brute = torch.cdist(z, vq.codebook.weight).argmin(1)
     assert torch.equal(vq.nearest(z), brute)
@@ -56,7 +62,7 @@ def test_straight_through_gradient_reaches_encoder():
 
 
 def test_loss_terms_route_gradients_as_in_the_paper():
-    vq = VectorQuantizer(8, 4, commitment_cost=0.25)
+    vq = quantizer(8, 4, commitment_cost=0.25)
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
     out = vq(z_e)
     # Codebook term moves the codes only; commitment term moves the encoder output only.
@@ -90,7 +96,7 @@ def test_ema_updates_only_in_train_mode():
 
 
 def test_ema_moves_codes_to_the_mean_of_their_vectors():
-    vq = VectorQuantizer(2, 2, ema=True, decay=0.9)
+    vq = quantizer(2, 2, ema=True, decay=0.9)
     vq.codebook.weight.data = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
     vq.ema_embed_sum.copy_(vq.codebook.weight)
     z = torch.tensor([[1.0, 1.0], [1.2, 0.8], [9.0, 9.0]]).view(1, 3, 1, 2).permute(0, 3, 1, 2)
@@ -152,7 +158,7 @@ def used(vq, z_e):
 def test_kmeans_init_on_first_training_batch_only(ema):
     z_e, z = far_data()
     torch.manual_seed(0)
-    vq = VectorQuantizer(32, 8, ema=ema, codebook_init="kmeans")
+    vq = quantizer(32, 8, ema=ema, codebook_init="kmeans")
     seed_codes = vq.codebook.weight.clone()
     vq.eval()
     vq(z_e)  # evaluation never initialises
@@ -177,7 +183,7 @@ def test_kmeans_init_on_first_training_batch_only(ema):
 def test_unused_code_is_reseeded_from_encoder_outputs():
     z_e, z = far_data(n=64)
     torch.manual_seed(0)
-    vq = VectorQuantizer(4, 8, codebook_init="kmeans", restart_after=2)
+    vq = quantizer(4, 8, codebook_init="kmeans", restart_after=2)
     vq(z_e)
     vq.codebook.weight.data[3] = 1e3  # code 3 is now out of reach of every encoder output
     vq(z_e)
@@ -196,8 +202,8 @@ def test_unused_code_is_reseeded_from_encoder_outputs():
 def test_restart_lifts_usage_on_a_collapsing_case(ema):
     z_e, _ = far_data()
     torch.manual_seed(0)
-    collapsed = VectorQuantizer(32, 8, ema=ema)
-    healthy = VectorQuantizer(32, 8, ema=ema, restart_after=1)
+    collapsed = quantizer(32, 8, ema=ema)
+    healthy = quantizer(32, 8, ema=ema, restart_after=1)
     for _ in range(5):
         collapsed(z_e)
         healthy(z_e)
@@ -213,10 +219,10 @@ def test_model_args_from_before_codebook_health_mean_the_seed_codebook():
 
 
 def test_codebook_state_is_in_the_checkpoint():
-    vq = VectorQuantizer(8, 4, ema=True, codebook_init="kmeans", restart_after=3)
+    vq = quantizer(8, 4, ema=True, codebook_init="kmeans", restart_after=3)
     assert {"initialized", "code_age", "ema_cluster_size", "ema_embed_sum"} <= set(vq.state_dict())
     with pytest.raises(ValueError, match="codebook_init"):
-        VectorQuantizer(8, 4, codebook_init="random")
+        quantizer(8, 4, codebook_init="random")
 
 
 def same_start(vq):
@@ -231,7 +237,7 @@ def _ddp_worker(rank, world, init_file, results, kw):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(rank)  # different RNG streams per rank: restart picks must still agree
-    vq = same_start(VectorQuantizer(32, 8, **kw))
+    vq = same_start(quantizer(32, 8, **kw))
     for step in range(6):
         vq(far_data(n=64, seed=10 * step + rank)[0])  # each rank its own shard
     results[rank] = vq.codebook.weight.detach().clone()
@@ -254,7 +260,7 @@ def test_codebook_agrees_across_distributed_ranks(kw, tmp_path):
         a, b = results[0], results[1]
     assert torch.equal(a, b)
     if kw == dict(ema=True):  # all-reduced EMA statistics equal one process on the global batch
-        vq = same_start(VectorQuantizer(32, 8, ema=True))
+        vq = same_start(quantizer(32, 8, ema=True))
         for step in range(6):
             vq(torch.cat([far_data(n=64, seed=10 * step + r)[0] for r in range(2)], 2))
         assert torch.allclose(vq.codebook.weight, a, atol=1e-5)

@@ -85,8 +85,8 @@ def test_prior_overfits_a_tiny_code_set(arch):
 
 def test_prior_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of num_heads"):
-        CodePrior(PriorConfig(hidden_dim=10, num_heads=4))
+        CodePrior(PriorConfig(**{**TINY_PRIOR, "hidden_dim": 10, "num_heads": 4}))
     with pytest.raises(ValueError, match="odd"):
-        build_prior(PriorConfig(arch="pixelcnn", kernel_size=4))
+        build_prior(PriorConfig(**{**TINY_PRIOR, "arch": "pixelcnn", "kernel_size": 4}))
     with pytest.raises(ValueError, match="temperature"):
         tiny_prior().sample(1, temperature=0)

@@ -304,3 +304,33 @@ def test_constant_and_mixed_size_slices_train_without_nan(tiny_data, tmp_path):
     assert "train: 11 slices of sizes 200x100, 256x128, 256x144; 11 resized to 32x16" in proc.stdout
     for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv")):
         assert all(np.isfinite(float(v)) for v in row.values())
+
+
+def as_7ece636(ckpt):
+    """A checkpoint in the layout main wrote up to 7ece636, before the model held its input size:
+    `model_args` without image_size; `config`, every flag flat, with image_size as a list."""
+    model_args = {k: v for k, v in ckpt["model_args"].items() if k != "image_size"}
+    return {**ckpt, "model_args": model_args, "config": {**ckpt["config"], "image_size": ckpt["model_args"]["image_size"]}}
+
+
+def test_checkpoints_of_the_earlier_layout_load_in_predict_and_resume(tiny_data, tmp_path):
+    """A run whose checkpoints have 7ece636's layout (made here from a fresh run, not stored as data)
+    predicts with the same SSIM, resumes, and is then written in today's layout."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--stage", "vqvae", "--out_dir", new,
+               cwd=tmp_path).returncode == 0
+    shutil.copytree(new, old)
+    for name in ("best.pt", "last.pt"):
+        torch.save(as_7ece636(torch.load(new / name, weights_only=True)), old / name)
+    assert "image_size" not in torch.load(old / "best.pt", weights_only=True)["model_args"]
+    for d in (new, old):
+        proc = run("predict.py", "--checkpoint", d / "best.pt", "--num_samples", "0", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert (json.loads((old / "predict" / "metrics.json").read_text())["ssim_mean"]
+            == json.loads((new / "predict" / "metrics.json").read_text())["ssim_mean"])
+    proc = run("train.py", "--resume", old, "--epochs", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    resumed = torch.load(old / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["model_args"]["image_size"] == [32, 16]
+    assert_clean_error(run("train.py", "--resume", old, "--image_size", "64", "32", cwd=tmp_path),
+                       "image_size=[32, 16]", "image_size=[64, 32]")

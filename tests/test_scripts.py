@@ -176,11 +176,17 @@ def test_scripts_show_defaults_in_help():
     assert "default: 512" in out and "default: 0.001" in out
 
 
+def run_config(*argv):
+    """The RunConfig of `python train.py ARGV`."""
+    import train
+    return train.RunConfig.from_flags(vars(train.get_parser().parse_args(list(argv))))
+
+
 def test_learning_rate_schedules():
     import train
-    args = train.get_parser().parse_args([])
+    args = run_config().train
     assert all(train.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
-    args = train.get_parser().parse_args(["--lr_schedule", "cosine", "--warmup_steps", "10"])
+    args = run_config("--lr_schedule", "cosine", "--warmup_steps", "10").train
     lrs = [train.lr_at(k, args, 200) for k in range(200)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then only down
@@ -189,13 +195,12 @@ def test_learning_rate_schedules():
 
 def test_every_study_configuration_is_a_valid_train_command():
     import study
-    import train
     seen = set()
     for name, (label, flags) in study.CONFIGS.items():
-        args = train.get_parser().parse_args(flags)
-        key = (args.ema, args.codebook_init, args.restart_after, args.ssim_weight, args.lr_schedule)
+        r = run_config(*flags)
+        key = (r.model.ema, r.model.codebook_init, r.model.restart_after, r.train.ssim_weight, r.train.lr_schedule)
         assert key not in seen, name  # no two rows train the same thing
         seen.add(key)
         assert "," not in label  # labels go into study.csv unquoted
-    seed = train.get_parser().parse_args(study.CONFIGS["seed"][1])
+    seed = run_config(*study.CONFIGS["seed"][1]).model
     assert (seed.ema, seed.codebook_init, seed.restart_after) == (False, "uniform", 0)

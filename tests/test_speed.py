@@ -20,7 +20,7 @@ SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "
 def tiny_args(data, out_dir, *extra):
     argv = ["--data_dir", str(data), "--out_dir", str(out_dir), "--stage", "vqvae", "--device", "cpu",
             *TINY_MODEL, *map(str, extra)]
-    return train.get_parser().parse_args(argv)
+    return train.RunConfig.from_flags(vars(train.get_parser().parse_args(argv)))
 
 
 def test_training_steps_never_wait_for_the_device(tiny_data, tmp_path, monkeypatch):
@@ -140,10 +140,9 @@ def test_resume_takes_precision_and_compile_from_the_command(tiny_data, tmp_path
     from the command when typed, and from the run otherwise."""
     train.train_vqvae(tiny_args(tiny_data, tmp_path / "run", "--epochs", 1, "--batch_size", 4))
     def resumed(*argv):
-        args = train.get_parser().parse_args(["--resume", str(tmp_path / "run"), *argv])
-        args.given = train.given_flags(["--resume", str(tmp_path / "run"), *argv])
-        return train.resume_args(args)[1]
+        flags = train.get_parser().parse_args(["--resume", str(tmp_path / "run"), *argv])
+        return train.resume_run(vars(flags))[1]
     again = resumed("--precision", "bf16", "--compile")
-    assert (again.precision, again.compile) == ("bf16", True)
+    assert (again.train.precision, again.train.compile) == ("bf16", True)
     kept = resumed()
-    assert (kept.precision, kept.compile) == ("auto", False) and kept.num_embeddings == 32
+    assert (kept.train.precision, kept.train.compile) == ("auto", False) and kept.model.num_embeddings == 32

