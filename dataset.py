@@ -5,8 +5,13 @@ folders `keras_slices_seg_*` beside them are ignored). Each split is used as giv
 move between splits. Without a data folder the synthetic phantom (phantom.py) is used.
 """
 import hashlib
+import logging
+import math
 import os
 import re
+import stat
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +28,7 @@ SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "t
 PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"
 # Decoded splits (git-ignored); the environment variable moves it, e.g. off a small home disk.
 CACHE_DIR = Path(os.environ.get("VQVAE_CACHE_DIR", Path(__file__).resolve().parent / "cache"))
-CACHE_VERSION = 1  # bump when the pre-processing changes, so old caches are never read
+CACHE_VERSION = 2  # bump when the pre-processing changes, so old caches are never read (2: scaling in float64)
 
 
 def resolve_data_dir(data_dir):
@@ -34,32 +39,167 @@ def resolve_data_dir(data_dir):
         return phantom.generate(PHANTOM_DIR)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ProjectError(f"--data_dir {data_dir} does not exist; point it at the folder that holds "
+        raise ProjectError(f"--data_dir {shown(data_dir)} does not exist; point it at the folder that holds "
                            f"{', '.join(SPLITS.values())}")
     missing = [d for d in SPLITS.values() if not (data_dir / d).is_dir()]
     if missing:
-        found = sorted(p.name for p in data_dir.iterdir())[:8]
-        raise ProjectError(f"--data_dir {data_dir} lacks {', '.join(missing)} (found: "
+        found = sorted(shown(p.name) for p in data_dir.iterdir())[:8]
+        raise ProjectError(f"--data_dir {shown(data_dir)} lacks {', '.join(missing)} (found: "
                            f"{', '.join(found) or 'nothing'}); it must hold {', '.join(SPLITS.values())}")
     return data_dir
 
 
 def load_slice(path):
-    """One 2D slice from a .nii/.nii.gz file -> float32 (H, W). Raises ProjectError on bad input."""
-    try:
-        data = np.asanyarray(nib.load(path).dataobj)
-    except Exception as e:  # nibabel and gzip raise many types for foreign or truncated files
-        raise ProjectError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e}); "
-                           f"remove or replace the file") from None
-    if data.ndim == 3 and 1 in data.shape:
-        data = data.squeeze(axis=data.shape.index(1))
-    if data.ndim != 2:
-        raise ProjectError(f"{path} has shape {data.shape}, not a 2D slice; cut volumes into one 2D "
-                           f"slice per file (e.g. nibabel: vol.dataobj[:, :, k] for each k)")
-    data = data.astype(np.float32)
+    """One 2D slice from a .nii/.nii.gz file -> float32 (H, W), every value finite.
+
+    Anything else raises ProjectError, one line that names the file and the fix: a broken link, a
+    file that is not NIfTI or is truncated, a header that promises more data than the file holds, a
+    volume, an empty, colour or complex slice, NaN/Inf or values beyond float32. The header is
+    checked before any data is read, so a damaged one cannot make nibabel allocate what it claims
+    (17 GB for a 36 KB file). Nothing else reaches the terminal: nibabel's log lines about header
+    fixes and numpy's warnings are silenced for the load, the checks here say what matters.
+    """
+    name = shown(path)
+    _stat(path)
+    with _quiet():
+        try:
+            img = nib.load(path)  # the header only; the data is read below
+        except Exception as e:  # nibabel and gzip raise many types for foreign or truncated files
+            raise _unreadable(name, e) from None
+        if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 and CIFTI-2 derive from it
+            raise ProjectError(f"cannot read {name} as NIfTI (nibabel sees a {type(img).__name__}); "
+                               f"save the slice as .nii.gz")
+        proxy = img.dataobj  # what nibabel will read: shape, on-disk dtype, offset, scaling
+        shape, dtype = tuple(int(n) for n in proxy.shape), proxy.dtype
+        single = img.header.is_single  # one .nii(.gz) file: the pixels follow the header
+        hw = _slice_shape(name, shape, dtype, proxy.offset, img.header.single_vox_offset if single else 0)
+        need = proxy.offset + math.prod(shape) * dtype.itemsize
+        try:
+            raw = _read_at_most(path, need)
+        except Exception as e:  # gzip: a damaged stream; OSError: the disk
+            raise _unreadable(name, e) from None
+        if len(raw) < need:
+            unpacked = " once decompressed" if name.lower().endswith(".gz") else ""
+            raise ProjectError(f"cannot read {name} as NIfTI: its header promises {'x'.join(map(str, shape))} "
+                               f"{dtype.name} pixels ending at byte {need:,} but the file holds {len(raw):,} "
+                               f"bytes{unpacked}; it is truncated or its header is damaged; remove or "
+                               f"replace the file")
+        try:  # nibabel decodes the bytes just checked (order, byte order, scaling), not the file again
+            data = np.asanyarray(type(img).from_bytes(raw).dataobj)
+        except Exception as e:
+            raise _unreadable(name, e) from None
+        # float64 holds every NIfTI type but float128 exactly, and nibabel's scaling may give float64.
+        data = data.reshape(hw).astype(np.float64)
     if not np.isfinite(data).all():
-        raise ProjectError(f"{path} contains NaN or Inf values; fix or remove the file")
-    return data
+        raise ProjectError(f"{name} contains NaN or Inf values; fix or remove the file")
+    peak = float(np.abs(data).max())
+    if peak > float(np.finfo(np.float32).max):
+        raise ProjectError(f"{name} has values up to {peak:.3g}, beyond float32 (3.4e38); rescale the slice "
+                           f"(e.g. divide by its maximum) or remove the file")
+    return data.astype(np.float32)
+
+
+def _unreadable(name, e):
+    """The ProjectError for a file that nibabel or gzip failed on with exception `e`."""
+    return ProjectError(f"cannot read {name} as NIfTI ({_one_line(e)}); remove or replace the file")
+
+
+def _slice_shape(name, shape, dtype, offset, min_offset):
+    """The slice's (H, W) from the header's shape (a singleton third axis is dropped), or
+    ProjectError for what no 2D intensity slice can be; nothing is read."""
+    if dtype.fields is not None:  # RGB24 / RGBA32: a record of uint8 channels per pixel
+        raise ProjectError(f"{name} is a colour image ({''.join(dtype.names)}); save a greyscale slice "
+                           f"(one intensity per pixel, e.g. the mean of R, G and B)")
+    if dtype.kind == "c":  # astype(float) would silently drop the imaginary part
+        raise ProjectError(f"{name} holds complex values ({dtype.name}); save the magnitude (np.abs) "
+                           f"as a real-valued slice")
+    if dtype.kind not in "biuf":
+        raise ProjectError(f"{name} holds {dtype} values, not intensities; save a numeric slice")
+    if min(shape, default=0) < 0:
+        raise ProjectError(f"cannot read {name} as NIfTI: its header gives negative dimensions {shape}, "
+                           f"so it is damaged; remove or replace the file")
+    if 0 in shape or not shape:
+        raise ProjectError(f"{name} is empty (shape {shape}); remove the file")
+    if len(shape) == 3 and 1 in shape:
+        shape = shape[:shape.index(1)] + shape[shape.index(1) + 1:]
+    if len(shape) != 2:
+        raise ProjectError(f"{name} has shape {shape}, not a 2D slice; cut volumes into one 2D "
+                           f"slice per file (e.g. nibabel: vol.dataobj[:, :, k] for each k)")
+    # nibabel reads a single-file NIfTI with vox_offset 0 from byte 0: header bytes as pixels.
+    if offset < min_offset:
+        raise ProjectError(f"cannot read {name} as NIfTI: its header puts the pixels at byte {offset}, "
+                           f"inside the {min_offset}-byte header, so it is damaged; remove or replace the file")
+    return shape
+
+
+def _read_at_most(path, limit):
+    """The file's first `limit` bytes once decompressed (gzip by the .gz extension, as nibabel decides).
+
+    Read in 1 MiB steps, so memory follows what the file holds, never what its header claims. This
+    is the bound on a header's claim: for .nii the file size would do, but for .nii.gz the size is
+    only known by decompressing (the gzip trailer's ISIZE is modulo 4 GiB and covers the last member
+    only; deflate's 1032:1 ratio would still let a 1 MB file claim 1 GB).
+    """
+    buf = bytearray()
+    with nib.openers.Opener(path) as f:
+        while len(buf) < limit and (chunk := f.read(min(limit - len(buf), 1 << 20))):
+            buf += chunk
+    return buf
+
+
+@contextmanager
+def _quiet():
+    """Silence, for one load, what nibabel and numpy would print: nibabel's log lines about header
+    problems it fixes or gives up on ("data code 1028 not recognized; not attempting fix", several
+    per file, some over two lines) and numpy's overflow and cast warnings. The loader checks the
+    result itself and reports in one line."""
+    loggers = [logging.getLogger("nibabel"), nib.imageglobals.logger]  # the latter has its own handler
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _stat(path):
+    """os.stat of a slice file, or ProjectError for a symbolic link that leads nowhere (or in a loop),
+    an entry that cannot be opened, or a folder, pipe or device named like a slice (a pipe would
+    block the read forever)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if os.path.islink(path):
+            raise ProjectError(f"{shown(path)} is a symbolic link to a file that cannot be opened "
+                               f"({e.strerror or e}); remove the link or restore its target") from None
+        raise ProjectError(f"cannot open {shown(path)} ({e.strerror or e}); fix its permissions or "
+                           f"remove it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProjectError(f"{shown(path)} is not a regular file (a folder, pipe or device); move it out "
+                           f"of the split folder")
+    return st
+
+
+def shown(path):
+    """`path` as one printable line: bytes that are not UTF-8 as \\xNN (caf\\xe9_slice_1.nii.gz) and
+    control characters escaped, so a message naming any file stays one line and encodes as UTF-8."""
+    return _printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+def _printable(text):
+    """`text` with unprintable characters (newlines, lone surrogates) as Python escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _one_line(e, limit=200):
+    """An exception as short one-line text: type and message, whitespace folded to single spaces
+    (nibabel's messages hold newlines), unprintable characters escaped, cut at `limit` characters."""
+    text = _printable(" ".join(f"{type(e).__name__}: {e}".split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def stem(path):
@@ -68,9 +208,12 @@ def stem(path):
 
 
 def scale_unit(a):
-    """Min-max scale to [0, 1]; a constant slice maps to zeros (no division by zero)."""
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    """(H, W) finite values -> float32 (H, W) min-max scaled to [0, 1]; a constant slice maps to zeros
+    (no division by zero). Computed in float64: in float32, hi - lo overflows to Inf for values near
+    ±3e38 and the slice would become NaN."""
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = a.min(), a.max()
+    return ((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)).astype(np.float32)
 
 
 @dataclass
@@ -85,11 +228,13 @@ class SliceSet:
 
 def split_key(folder, files, image_size):
     """What a decoded split depends on: the folder, every file's name, size and modification time,
-    the target size and the pre-processing version. Any change gives another key."""
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{Path(folder).resolve()}|{image_size[0]}x{image_size[1]}".encode())
+    the target size and the pre-processing version. Any change gives another key. Names are hashed as
+    the file system's bytes (os.fsencode), so names that are not UTF-8 work too."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}|".encode() + os.fsencode(Path(folder).resolve())
+                     + f"|{image_size[0]}x{image_size[1]}".encode())
     for f in files:
-        st = f.stat()
-        h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        st = _stat(f)
+        h.update(b"|" + os.fsencode(f.name) + f":{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -101,7 +246,7 @@ def load_split(data_dir, split, image_size, cache_dir=CACHE_DIR):
     files = sorted((p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))),
                    key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
     if not files:
-        raise ProjectError(f"split folder {folder} holds no .nii or .nii.gz files")
+        raise ProjectError(f"split folder {shown(folder)} holds no .nii or .nii.gz files")
     key = split_key(folder, files, image_size)
     path = cache_dir and Path(cache_dir) / f"{split}_{image_size[0]}x{image_size[1]}_{key[:20]}.pt"
     cached = _read_cache(path, key, len(files), image_size)
@@ -135,7 +280,7 @@ def _read_cache(path, key, n, image_size):
             return c
     except Exception:  # truncated or foreign file: rebuilt below
         pass
-    print(f"data: cache {path} is stale or damaged; decoding the split again")
+    print(f"data: cache {shown(path)} is stale or damaged; decoding the split again")
     return None
 
 
@@ -148,7 +293,13 @@ def _decode_split(files, image_size):
         a = load_slice(f)
         shapes.append(list(a.shape))
         ranges.append([float(a.min()), float(a.max())])
-        x = torch.from_numpy(scale_unit(a))[None, None]  # (1, 1, h, w)
+        u = scale_unit(a)
+        # Cannot happen for load_slice's finite float32 (scaled in float64), but a NaN let through
+        # here would surface as a diverging loss, blamed on --lr.
+        if not np.isfinite(u).all():
+            raise ProjectError(f"scaling {shown(f)} to [0, 1] gave NaN or Inf (values {ranges[-1][0]:g} to "
+                               f"{ranges[-1][1]:g}); remove the file")
+        x = torch.from_numpy(u)[None, None]  # (1, 1, h, w)
         if x.shape[-2:] != (H, W):
             x = F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
         images[i] = x[0].clamp(0, 1)

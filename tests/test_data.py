@@ -1,5 +1,8 @@
 """The loader: scaling, resizing, one tensor per split, the phantom, and clear bad-input errors."""
+import gzip
 import os
+import tracemalloc
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +20,50 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hipmri_3d" / "
 def write(path, array):
     nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), path)
     return path
+
+
+def with_header(src, dst, **fields):
+    """A copy of the uncompressed NIfTI-1 file `src` at `dst` (gzipped if it ends in .gz) with raw header
+    fields set as given, past nibabel's checks, as a damaged file or a careless writer leaves them."""
+    raw = bytearray(Path(src).read_bytes())
+    header = np.frombuffer(raw, dtype=nib.Nifti1Header.template_dtype, count=1)  # a view into raw
+    for name, value in fields.items():
+        header[name] = value
+    Path(dst).write_bytes(gzip.compress(bytes(raw)) if str(dst).endswith(".gz") else raw)
+    return dst
+
+
+def quietly(call, capfd, caplog, printed=lambda out: out == ""):
+    """call() -> its result, or the ProjectError it raised; asserts that nothing was printed (to the
+    file descriptors, so nibabel's own log handler counts) but what `printed` accepts on stdout,
+    and nothing logged or warned on the way."""
+    capfd.readouterr()
+    caplog.clear()
+    caplog.set_level(1)  # every record, even those below the default WARNING
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:
+            result = call()
+        except ProjectError as e:
+            result = e
+    out, err = capfd.readouterr()
+    assert printed(out) and err == "" and not caplog.records and not warned, (out, err, caplog.records, warned)
+    return result
+
+
+def one_clean_line(e, name):
+    """The message of ProjectError `e`, asserted to be one printable line that names the file `name`."""
+    assert isinstance(e, ProjectError), f"expected a ProjectError, got {e!r}"
+    msg = str(e)
+    assert "\n" not in msg and msg.isprintable() and name in msg, msg
+    msg.encode("utf-8")  # prints on any UTF-8 terminal: no lone surrogates from undecodable names
+    return msg
+
+
+def refused(call, name, capfd, caplog):
+    """The message of the ProjectError that call() raises, printing nothing else: one printable line
+    that names the file."""
+    return one_clean_line(quietly(call, capfd, caplog), name)
 
 
 def make_data_dir(root, arrays_per_split):
@@ -172,3 +219,162 @@ def test_decoded_splits_are_cached_and_never_trusted_stale(tiny_data, tmp_path, 
     assert load_split(tiny_data, "train", (64, 32), cache_dir=cache).images.shape[-2:] == (64, 32)
     assert load_split(tiny_data, "validate", (32, 16), cache_dir=None).images.shape[-2:] == (32, 16)
     assert not list(cache.glob("validate_*"))
+
+
+# Damaged and odd files: each gives one clean line naming the file (or loads correctly), and
+# nothing else reaches the terminal.
+
+def test_colour_and_complex_slices_are_refused(tmp_path, capfd, caplog):
+    rgb = np.zeros((4, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgba = np.zeros((4, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    for f, a in [("rgb.nii.gz", rgb), ("rgba.nii", rgba)]:
+        msg = refused(lambda: load_slice(write(tmp_path / f, a)), f, capfd, caplog)
+        assert "is a colour image" in msg and "save a greyscale slice" in msg
+    # Before: loaded with only a ComplexWarning, the imaginary part dropped.
+    for f, dtype in [("c64.nii.gz", np.complex64), ("c128.nii", np.complex128)]:
+        msg = refused(lambda: load_slice(write(tmp_path / f, np.full((4, 5), 1 + 2j, dtype))), f, capfd, caplog)
+        assert "holds complex values" in msg and "np.abs" in msg
+
+
+def test_broken_symbolic_links_are_refused(tmp_path, capfd, caplog):
+    folder = tmp_path / SPLITS["train"]
+    folder.mkdir()
+    write(folder / "a_slice_1.nii.gz", np.ones((4, 5)))
+    os.symlink(tmp_path / "gone.nii.gz", folder / "dangling.nii.gz")
+    os.symlink(folder / "loop.nii.gz", folder / "loop.nii.gz")
+    for f in ("dangling.nii.gz", "loop.nii.gz"):
+        msg = refused(lambda: load_slice(folder / f), f, capfd, caplog)
+        assert "is a symbolic link" in msg and "remove the link or restore its target" in msg
+    # load_split stats every file for its cache key before anything is read.
+    refused(lambda: load_split(tmp_path, "train", (4, 5), cache_dir=None), "dangling.nii.gz", capfd, caplog)
+
+
+def test_folders_and_pipes_named_like_slices_are_refused(tmp_path, capfd, caplog):
+    (tmp_path / "folder.nii.gz").mkdir()
+    os.mkfifo(tmp_path / "pipe.nii")  # nibabel would wait on it forever
+    for f in ("folder.nii.gz", "pipe.nii"):
+        assert "not a regular file" in refused(lambda: load_slice(tmp_path / f), f, capfd, caplog)
+
+
+def test_file_names_that_are_not_utf8_load_and_print(tmp_path, capfd, caplog):
+    """Names are bytes on Linux; Python shows undecodable ones as lone surrogates, which neither
+    .encode() nor print() take. Such files load, cache, and are named as caf\\xe9... in messages."""
+    folder = tmp_path / SPLITS["train"]
+    folder.mkdir()
+    a = np.arange(20, dtype=np.int16).reshape(4, 5)
+    odd = folder / os.fsdecode(b"caf\xe9_slice_1.nii.gz")
+    write(odd, a)
+    write(folder / "b_slice_2.nii.gz", a + 1)
+    assert np.array_equal(quietly(lambda: load_slice(odd), capfd, caplog), a)
+    first = quietly(lambda: load_split(tmp_path, "train", (4, 5), cache_dir=tmp_path / "cache"), capfd, caplog)
+    again = quietly(lambda: load_split(tmp_path, "train", (4, 5), cache_dir=tmp_path / "cache"), capfd, caplog)
+    assert first.images.shape == (2, 1, 4, 5) and torch.equal(first.images, again.images)
+    assert first.ranges == [[1.0, 20.0], [0.0, 19.0]]  # natural order: b_slice_2 before caf...
+    (folder / os.fsdecode(b"caf\xe9_slice_3.nii.gz")).write_bytes(b"not a slice")
+    refused(lambda: load_split(tmp_path, "train", (4, 5), cache_dir=None), "caf\\xe9_slice_3.nii.gz",
+            capfd, caplog)
+    # A newline in a name is shown escaped, so the message stays one line.
+    refused(lambda: load_slice(write(tmp_path / "two\nlines.nii", np.full((2, 2), 1j))), "two\\nlines.nii",
+            capfd, caplog)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_empty_slices_are_refused(tmp_path, suffix, capfd, caplog):
+    src = write(tmp_path / "src.nii", np.ones((3, 128), dtype=np.float32))
+    # Before: loaded as shape (0, 128), then a ValueError at a.min() while scaling.
+    f = with_header(src, tmp_path / f"empty{suffix}", dim=(2, 0, 128, 1, 1, 1, 1, 1))
+    assert "is empty (shape (0, 128))" in refused(lambda: load_slice(f), f.name, capfd, caplog)
+    f = with_header(src, tmp_path / f"nodims{suffix}", dim=(0, 3, 128, 1, 1, 1, 1, 1))
+    assert "is empty" in refused(lambda: load_slice(f), f.name, capfd, caplog)
+
+
+def test_extreme_values_scale_in_float64_without_nan(tmp_path, capfd, caplog):
+    # Finite float32 near +-3e38: hi - lo overflowed in float32 and the slice became NaN (blamed on --lr).
+    a = np.array([[3e38, -3e38, 0.0], [1.0, 2.0, 3.0]], dtype=np.float32)
+    folder = tmp_path / SPLITS["train"]
+    folder.mkdir()
+    write(folder / "huge.nii", a)
+    assert np.array_equal(quietly(lambda: load_slice(folder / "huge.nii"), capfd, caplog), a)
+    s = scale_unit(a)
+    assert s.dtype == np.float32 and np.isfinite(s).all() and s.min() == 0 and s.max() == 1
+    images = quietly(lambda: load_split(tmp_path, "train", (2, 3), cache_dir=None), capfd, caplog).images
+    assert torch.isfinite(images).all() and images.min() == 0 and images.max() == 1
+    # Values no float32 can hold are refused, not turned into Inf.
+    msg = refused(lambda: load_slice(write(tmp_path / "f64.nii.gz", np.array([[1e300, 0.0]]))), "f64.nii.gz",
+                  capfd, caplog)
+    assert "beyond float32" in msg
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_headers_claiming_more_than_the_file_holds_are_refused_before_reading(tmp_path, suffix, capfd, caplog):
+    """A 2D header claiming 32767 x 32767 pixels in a small file made nibabel allocate the claim
+    (8.6 GB of float64, 17 GB of complex128) before noticing that the file is short."""
+    src = write(tmp_path / "src.nii", np.ones((48, 48), dtype=np.float64))
+    claim = dict(dim=(2, 32767, 32767, 1, 1, 1, 1, 1))
+    tracemalloc.start()
+    try:
+        f = with_header(src, tmp_path / f"claim{suffix}", **claim)
+        msg = refused(lambda: load_slice(f), f.name, capfd, caplog)
+        assert "promises 32767x32767 float64 pixels" in msg and "truncated or its header is damaged" in msg
+        c = write(tmp_path / "c.nii", np.ones((48, 48), np.complex128))
+        f = with_header(c, tmp_path / f"c{suffix}", **claim)
+        assert "complex" in refused(lambda: load_slice(f), f.name, capfd, caplog)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6
+    # A plainly truncated file: the pixels cut short.
+    cut = tmp_path / f"cut{suffix}"
+    raw = src.read_bytes()[:-100]
+    cut.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    assert "truncated" in refused(lambda: load_slice(cut), cut.name, capfd, caplog)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(datatype=1028), "data code 1028 not recognized"),  # nibabel also logged it, on its own line
+    (dict(datatype=0), "data code 0 not supported"),
+    (dict(dim=(2, -3, 4, 1, 1, 1, 1, 1)), "negative dimensions"),
+    (dict(dim=(2, 32767, 32767, 1, 1, 1, 1, 1)), "promises 32767x32767 float32 pixels"),
+    (dict(dim=(7, 3, 4, 32767, 32767, 32767, 32767, 32767)), "not a 2D slice"),
+    (dict(dim=(9, 3, 4, 1, 1, 1, 1, 1)), "cannot read"),  # nibabel guesses the other byte order
+    (dict(dim=(-3, 3, 4, 1, 1, 1, 1, 1)), "cannot read"),
+    (dict(vox_offset=0), "inside the 352-byte header"),  # nibabel would read the header as pixels
+    (dict(vox_offset=100), "vox offset 100 too low"),
+    (dict(vox_offset=np.nan), "cannot read"),
+    (dict(vox_offset=1e30), "promises 3x4 float32 pixels"),
+    (dict(scl_slope=1e38), "beyond float32"),  # the scaled pixels overflow: numpy warned
+    (dict(scl_slope=2.0, scl_inter=-np.inf), "invalid intercept"),
+    (dict(magic=b"xyz"), "cannot read"),
+])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_damaged_headers_give_one_line(tmp_path, fields, words, suffix, capfd, caplog):
+    src = write(tmp_path / "src.nii", np.arange(12, dtype=np.float32).reshape(3, 4))
+    f = with_header(src, tmp_path / f"damaged{suffix}", **fields)
+    assert words in refused(lambda: load_slice(f), f.name, capfd, caplog)
+
+
+def test_header_oddities_nibabel_fixes_load_silently(tmp_path, capfd, caplog):
+    """nibabel logs these (some over several lines) and carries on; the slice is right, so the
+    loader says nothing either."""
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    src = write(tmp_path / "src.nii", a)
+    odd = {"sizeof_hdr": 12, "bitpix": 7, "qform_code": 999, "sform_code": -5, "pixdim": [np.nan] * 8,
+           "scl_slope": np.nan}
+    f = with_header(src, tmp_path / "odd.nii.gz", **odd)
+    assert np.array_equal(quietly(lambda: load_slice(f), capfd, caplog), a)
+    # Pixels at byte 353: "vox offset (=353) not divisible by 16, not SPM compatible", twice.
+    raw = bytearray(src.read_bytes())
+    raw[352:352] = b"\0"
+    (tmp_path / "shifted.nii").write_bytes(raw)
+    f = with_header(tmp_path / "shifted.nii", tmp_path / "shifted.nii", vox_offset=353)
+    assert np.array_equal(quietly(lambda: load_slice(f), capfd, caplog), a)
+
+
+def test_multi_line_errors_are_folded_into_one(tmp_path, monkeypatch, capfd, caplog):
+    def load(*args, **kwargs):
+        raise OSError("Expected 4294705156 bytes, got 64 bytes from x\n - could the file be damaged?\n"
+                      + "x" * 500)
+    monkeypatch.setattr(nib, "load", load)
+    f = write(tmp_path / "any.nii.gz", np.ones((2, 2)))
+    msg = refused(lambda: load_slice(f), "any.nii.gz", capfd, caplog)
+    assert "got 64 bytes from x - could the file be damaged?" in msg and len(msg) < 400
