@@ -31,8 +31,13 @@ CACHE_DIR = Path(os.environ.get("VQVAE_CACHE_DIR", Path(__file__).resolve().pare
 CACHE_VERSION = 2  # bump when the pre-processing changes, so old caches are never read (2: scaling in float64)
 
 
-def resolve_data_dir(data_dir):
-    """`data_dir` checked for the three split folders; None -> the phantom, generated on first use."""
+def resolve_data_dir(data_dir, trained_by=None):
+    """`data_dir` checked for the three split folders; None -> the phantom, generated on first use.
+    trained_by: the checkpoint that recorded `data_dir` (the user typed none), named when it is gone."""
+    if trained_by and not (data_dir is None or isinstance(data_dir, str) and (Path(data_dir).is_dir())):
+        raise ProjectError(f"{shown(trained_by)} was trained on the data in {data_dir!r}, which is not a folder "
+                           f"here (moved, or another machine?); pass --data_dir with the folder that holds "
+                           f"{', '.join(SPLITS.values())}")
     if data_dir is None:
         print(f"data: using the synthetic pelvic MR phantom in {PHANTOM_DIR} "
               f"(pass --data_dir /path/to/keras_slices_data for the real HipMRI slices)")
@@ -49,6 +54,15 @@ def resolve_data_dir(data_dir):
     return data_dir
 
 
+def recorded_data_dir(config, checkpoint):
+    """The data folder that a checkpoint's `config` says its run was trained on, checked as
+    resolve_data_dir does (None: the phantom)."""
+    if "data_dir" not in config:
+        raise ProjectError(f"{shown(checkpoint)} does not record the data it was trained on; pass --data_dir "
+                           f"with the folder that holds {', '.join(SPLITS.values())}")
+    return resolve_data_dir(config["data_dir"], trained_by=checkpoint)
+
+
 def load_slice(path):
     """One 2D slice from a .nii/.nii.gz file -> float32 (H, W), every value finite.
 
@@ -61,7 +75,7 @@ def load_slice(path):
     """
     name = shown(path)
     _stat(path)
-    with _quiet():
+    with quiet():
         try:
             img = nib.load(path)  # the header only; the data is read below
         except Exception as e:  # nibabel and gzip raise many types for foreign or truncated files
@@ -148,7 +162,7 @@ def _read_at_most(path, limit):
 
 
 @contextmanager
-def _quiet():
+def quiet():
     """Silence, for one load, what nibabel and numpy would print: nibabel's log lines about header
     problems it fixes or gives up on ("data code 1028 not recognized; not attempting fix", several
     per file, some over two lines) and numpy's overflow and cast warnings. The loader checks the

@@ -52,6 +52,13 @@ def _ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy):
     return s.flatten(1).mean(1)
 
 
+def check_image_size(image_size, what="--image_size"):
+    """ProjectError unless images of image_size (H, W) can be scored: the SSIM window must fit."""
+    if min(image_size) < SSIM_MIN_SIZE:
+        raise ProjectError(f"{what}: image_size {list(image_size)} must be at least {SSIM_MIN_SIZE} pixels each "
+                           f"way (the SSIM window); use a larger --image_size")
+
+
 def ssim(x, y):
     """The project's one SSIM: Wang et al. 2004 with an 11-tap Gaussian window (sigma 1.5),
     data_range 1.0, population covariances, averaged over the valid (uncropped) region.

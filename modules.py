@@ -101,6 +101,9 @@ def _obeys(value, rule):
     return value >= float(bound) if op == ">=" else value > float(bound)
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def check_settings(cfg):
     """Raise ValueError naming the first field of the dataclass `cfg` whose value has the wrong type
     or breaks its rule or choices (a field whose default is None may also be None)."""
@@ -114,8 +117,8 @@ def check_settings(cfg):
         if f.type is tuple and not isinstance(value, tuple) or not all(
                 isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
                 or kind is float and isinstance(v, int) and not isinstance(v, bool) for v in items):
-            raise ValueError(f"{f.name} must be {'integers' if f.type is tuple else 'a ' + kind.__name__}, "
-                             f"got {value!r}")
+            what = "two integers" if f.type is tuple else KIND_NAMES[kind]
+            raise ValueError(f"{f.name} must be {what}, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
         if meta.get("rule") and not all(_obeys(v, meta["rule"]) for v in items):
@@ -130,13 +133,13 @@ class VQVAEConfig:
     plain dict `model_args`, from which predict.py rebuilds the model. The defaults differ from the
     seed only in the codebook's health (see README, the codebook study)."""
     image_size: tuple = setting((256, 128), "slices are resized to H x W; 256 256 reproduces the seed's "
-                                "stretched grid", rule=">= 1", metavar=("H", "W"))
-    in_channels: int = 1  # one MR channel; not a flag
+                                "stretched grid", rule="in [1, 4096]", metavar=("H", "W"))
+    in_channels: int = field(default=1, metadata={"rule": ">= 1"})  # one MR channel; not a flag
     num_hiddens: int = setting(128, "channels of the encoder and decoder", rule=">= 2")
-    num_residual_layers: int = setting(2, "residual blocks in the encoder and in the decoder", rule=">= 0")
+    num_residual_layers: int = setting(2, "residual blocks in the encoder and in the decoder", rule="in [0, 64]")
     num_residual_hiddens: int = setting(32, "channels inside a residual block", rule=">= 1")
     num_downsampling_layers: int = setting(3, "stride-2 convs; the code map is the image size / 2**this",
-                                           rule=">= 1")
+                                           rule="in [1, 12]")
     embedding_dim: int = setting(128, "length of a code vector", rule=">= 1")
     num_embeddings: int = setting(512, "codebook size K", rule=">= 1")
     commitment_cost: float = setting(0.25, "beta, weighting the commitment term only", rule=">= 0")
@@ -415,12 +418,12 @@ PRIOR_ARCHS = ("transformer", "pixelcnn")
 class PriorConfig:
     """Prior hyperparameters: the code map's size and codes come from the VQ-VAE (for_vqvae), the
     rest are flags of train.py named prior_<field>; saved in prior checkpoints as `model_args`."""
-    num_embeddings: int  # codes of the VQ-VAE; token num_embeddings is the start token
-    latent_h: int  # code-map rows (image height / 2**num_downsampling_layers)
-    latent_w: int  # code-map columns
+    num_embeddings: int = field(metadata={"rule": ">= 1"})  # the VQ-VAE's codes; token K is the start token
+    latent_h: int = field(metadata={"rule": ">= 1"})  # code-map rows (image height / 2**num_downsampling_layers)
+    latent_w: int = field(metadata={"rule": ">= 1"})  # code-map columns
     arch: str = setting("transformer", "causal transformer (sampling with a key/value cache) or the paper's "
                         "gated PixelCNN", choices=PRIOR_ARCHS)
-    num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule=">= 1")
+    num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule="in [1, 256]")
     num_heads: int = setting(4, "attention heads per block (transformer)", rule=">= 1")
     hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
     dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")

@@ -11,6 +11,7 @@ Usage: python phantom.py [--out_dir data/hipmri_phantom] [--preview grid.png]
 (train.py and predict.py call generate() themselves; running this file is optional)
 """
 import argparse
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -162,6 +163,18 @@ def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_P
     marker = out_dir / f".complete_v{VERSION}"
     if marker.exists():
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time (torchrun's processes, or two runs started together): the others wait, then
+    # find the set complete, instead of replacing the folder one of them is already reading.
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            _write(out_dir, marker, seed, patients, slices_per_patient)
+    return out_dir
+
+
+def _write(out_dir, marker, seed, patients, slices_per_patient):
+    """The set into a temporary sibling folder, renamed to out_dir when complete."""
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     case = 0
@@ -180,9 +193,7 @@ def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_P
                 nib.save(nii, tmp / split / f"case_{case:03d}_week_{week}_slice_{i}.nii.gz")
     (tmp / marker.name).touch()
     shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
-    return out_dir
 
 
 def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):

@@ -14,6 +14,7 @@ test split), memorisation (each sample's highest SSIM to any training slice) and
 import argparse
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -21,13 +22,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import load_split, place, resolve_data_dir, stem
+from dataset import load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, stem
 from figures import save_code_histogram, save_comparison, save_image_grid
-from metrics import (codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
+from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
                      prior_nll_bits)
-from modules import code_counts
-from utils import (ProjectError, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
-                   load_vqvae, pick_device, run_main, to_unit, write_csv, write_json, write_nifti_gz)
+from modules import check_settings, code_counts, setting
+from utils import (ProjectError, add_settings, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
+                   load_vqvae, pick_device, run_main, settings_from, to_unit, write_csv, write_json, write_nifti_gz)
+
+@dataclass
+class PredictConfig:
+    """predict.py's settings (each a flag of the same name); the models' own come from their checkpoints."""
+    checkpoint: str = setting(None, "None: the newest runs/NNN/best.pt")
+    data_dir: str = setting(None, "None: the data the checkpoint was trained on")
+    out_dir: str = setting(None, "None: RUN_DIR/predict")
+    split: str = setting("test", "the split to reconstruct", choices=("train", "validate", "test"))
+    batch_size: int = setting(32, "slices per forward pass", rule=">= 1")
+    prior: str = setting(None, "prior checkpoint; None: prior_best.pt beside --checkpoint")
+    num_samples: int = setting(64, "slices to generate with the prior; 0: none", rule=">= 0")
+    temperature: float = setting(1.0, "divides the prior's logits; < 1 is more conservative", rule="> 0")
+    top_k: int = setting(0, "sample among the k most likely codes at each step; 0: all", rule=">= 0")
+    seed: int = setting(0, "seeds the sampling", rule=">= 0")
+    device: str = setting(None, "cuda, mps or cpu; None picks cuda, then mps, then cpu")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.num_samples == 1:
+            raise ValueError("num_samples must be 0 or at least 2 (FID needs a covariance), got 1")
+
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
 NUM_BESIDE = 8  # samples shown beside their nearest training slices and real test slices
@@ -41,8 +63,9 @@ def save_recon(path, recon, source, shape, value_range):
     if list(x.shape[-2:]) != shape:
         x = F.interpolate(x, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
     lo, hi = value_range
-    data = x[0, 0].numpy() * (hi - lo) + lo
-    src = nib.load(source)
+    data = x[0, 0].double().numpy() * (hi - lo) + lo  # float64: no overflow for any float32 range
+    with quiet():  # nibabel's notes on header fixes: the loader already checked this file
+        src = nib.load(source)
     header = src.header.copy()
     header.set_data_dtype(np.float32)
     data = data.reshape(src.shape)  # keep a singleton axis if the source had one
@@ -55,7 +78,8 @@ def sample_affine(train_set, image_size):
     model's grid (the data's typical geometry), else an identity affine (1 mm pixels at the origin)."""
     for f, shape in zip(train_set.files, train_set.shapes):
         if shape == list(image_size):
-            src = nib.load(f)
+            with quiet():
+                src = nib.load(f)
             if len(src.shape) == 2:
                 return src.affine, src.header.copy()
     return np.eye(4), None
@@ -148,29 +172,29 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
 
 
 def main(args):
+    """args: the flags typed (argparse's namespace); the others take PredictConfig's defaults."""
     # ---- setup
-    if args.temperature <= 0 or args.top_k < 0 or args.num_samples < 0 or args.num_samples == 1:
-        raise ProjectError(f"--temperature must be > 0, --top_k >= 0 and --num_samples 0 or at least 2 (FID "
-                           f"needs a covariance), got {args.temperature}, {args.top_k} and {args.num_samples}")
+    args = settings_from(PredictConfig, vars(args))
     device = pick_device(args.device)
     configure_backends(device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)
+
+    # ---- models and data (the prior and the FID network first: a problem with any of them stops
+    # the run before anything is written, not after the reconstructions)
+    model = load_vqvae(ckpt, ckpt_path, device)
+    check_image_size(model.cfg.image_size, f"{ckpt_path}'s model_args")
+    prior = find_prior(args, ckpt, ckpt_path)
+    if prior:
+        inception(device)
+    image_size = model.cfg.image_size  # the model's own input size
+    data_dir = resolve_data_dir(args.data_dir) if args.data_dir else recorded_data_dir(ckpt["config"], ckpt_path)
+    test_set = load_split(data_dir, args.split, image_size)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / "predict"
     try:
         (out_dir / "recon").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProjectError(f"cannot create {out_dir}: {e.strerror}; pick another --out_dir") from None
-
-    # ---- models and data (the prior and the FID network first: a problem with them stops the run
-    # before anything is written, not after the reconstructions)
-    model = load_vqvae(ckpt, ckpt_path, device)
-    prior = find_prior(args, ckpt, ckpt_path)
-    if prior:
-        inception(device)
-    image_size = model.cfg.image_size  # the model's own input size
-    data_dir = resolve_data_dir(args.data_dir or ckpt["config"]["data_dir"])
-    test_set = load_split(data_dir, args.split, image_size)
 
     # ---- reconstruct and score
     res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True)
@@ -190,7 +214,7 @@ def main(args):
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
     write_csv(out_dir / "per_slice.csv", ["file", "ssim", "psnr"],
-              [[f.name, si, pi] for f, si, pi in zip(test_set.files, s.tolist(), p.tolist())])
+              [[shown(f.name), si, pi] for f, si, pi in zip(test_set.files, s.tolist(), p.tolist())])
     for i, file in enumerate(test_set.files):
         save_recon(out_dir / "recon" / f"{stem(file)}_recon.nii.gz", res["recons"][i, 0], file,
                    test_set.shapes[i], test_set.ranges[i])
@@ -200,7 +224,7 @@ def main(args):
     save_comparison(out_dir / "best_worst.png", test_set.images[pick].float(), res["indices"][pick],
                     res["recons"][pick], f"{args.split}: best {k} and worst {k} slices by SSIM",
                     model.cfg.num_embeddings,
-                    [f"{textwrap.fill(stem(test_set.files[i]), 16)}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
+                    [f"{textwrap.fill(shown(stem(test_set.files[i])), 16)}\nSSIM {s[i]:.3f}" for i in pick.tolist()])
     save_code_histogram(out_dir / "code_histogram.png", res["counts"],
                         f"{args.split}: code frequencies ({usage:.1%} of the codebook used, "
                         f"perplexity {perplexity:.1f})")
@@ -229,20 +253,8 @@ def print_generation(gen, out_dir):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Reconstruct a split with a trained VQ-VAE.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="None: the newest runs/NNN/best.pt")
-    p.add_argument("--data_dir", default=None, help="None: the data the checkpoint was trained on")
-    p.add_argument("--out_dir", default=None, help="None: RUN_DIR/predict")
-    p.add_argument("--split", default="test", choices=["train", "validate", "test"])
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--prior", default=None, help="prior checkpoint; None: prior_best.pt beside --checkpoint")
-    p.add_argument("--num_samples", type=int, default=64, help="slices to generate with the prior; 0: none")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="divides the prior's logits; < 1 is more conservative")
-    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely codes at each step; 0: all")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu; None picks cuda, then mps, then cpu")
+    p = argparse.ArgumentParser(description="Reconstruct a split with a trained VQ-VAE, and generate new slices.")
+    add_settings(p, PredictConfig)
     return p
 
 

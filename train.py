@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
+from dataset import epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir, resolve_data_dir
 from figures import save_comparison, save_curves, save_image_grid
-from metrics import (BITS_PER_NAT, SSIM_MIN_SIZE, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
+from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, setting
 from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
                    load_checkpoint, load_vqvae, make_checkpoint, new_run_dir, pick_device, run_main,
@@ -156,7 +156,7 @@ def resume_run(flags):
     path = path / "last.pt" if path.is_dir() else path
     ckpt = load_checkpoint(path)
     last = path.with_name("last.pt")
-    if path.name != "last.pt" and last.is_file() and load_checkpoint(last)["epoch"] > ckpt["epoch"]:
+    if path.name != "last.pt" and last.is_file() and (last_epoch(last) or 0) > ckpt["epoch"]:
         raise ProjectError(f"{path} is from epoch {ckpt['epoch']} but the run went on (see {last}); "
                            f"resume the run folder {path.parent}, which continues from its last epoch")
     # The run's flags: the model's from model_args, the rest from config; flags added since the run
@@ -174,6 +174,15 @@ def resume_run(flags):
     return ckpt, RunConfig.from_flags({**old, **flags})
 
 
+def last_epoch(path):
+    """The epoch of the checkpoint at `path`, or None when it is damaged (the README's advice for a
+    damaged last.pt is to resume from best.pt, which then goes on from its own epoch)."""
+    try:
+        return load_checkpoint(path)["epoch"]
+    except ProjectError:
+        return None
+
+
 def resume_prior(run, ckpt, path, typed):
     """The run with the settings of the prior under way in `path` (--prior_epochs extends it); a prior
     flag typed now that differs from the prior's is refused by name."""
@@ -187,8 +196,7 @@ def resume_prior(run, ckpt, path, typed):
 
 def check_run(run, world_size):
     """What no single setting can check: the settings together, and with the processes."""
-    if min(run.model.image_size) < SSIM_MIN_SIZE:
-        raise ProjectError(f"--image_size must be at least {SSIM_MIN_SIZE} pixels each way (the SSIM window)")
+    check_image_size(run.model.image_size)
     if run.train.batch_size % world_size:
         raise ProjectError(f"--batch_size {run.train.batch_size} (the global batch) does not split over "
                            f"{world_size} processes; use a multiple of {world_size}")
@@ -268,6 +276,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
         for group in ckpt["optimizer"]["param_groups"]:  # fused on this device, whatever the run began on
             group["fused"] = optimizer.defaults["fused"]
         optimizer.load_state_dict(ckpt["optimizer"])
+        match_layouts(optimizer)
         set_rng_state(ckpt["rng"])  # the data order is a function of (seed, epoch): nothing to restore
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         rows, batch_losses = ckpt["history"]["rows"], ckpt["history"]["batch_losses"]
@@ -392,7 +401,7 @@ def train_prior(run, run_dir, typed=None):
     vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
 
     # ---- data: every slice encoded once, the prior never sees an image
-    data_dir = resolve_data_dir(vq_ckpt["config"]["data_dir"])
+    data_dir = recorded_data_dir(vq_ckpt["config"], vq_path)
     codes = {split: encode_split(vqvae, place(load_split(data_dir, split, vqvae.cfg.image_size), device),
                                  device, args.batch_size)
              for split in ("train", "validate")}  # (N, h, w) long each, on the device
@@ -532,6 +541,15 @@ def build_model(cfg, device, compile=False, world_size=1):
     if compile:
         net = torch.compile(net)
     return model, net
+
+
+def match_layouts(optimizer):
+    """Each Adam moment in its parameter's memory layout: a run begun on the CPU (NCHW) and resumed on
+    CUDA (channels_last parameters) would otherwise give the fused kernel tensors it rejects."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's strides
 
 
 def build_optimizer(model, lr, device):

@@ -173,10 +173,12 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its own
         tmp.unlink(missing_ok=True)
-        raise ProjectError(f"could not write {path}: {e.strerror or e}; free space or pick another "
-                           f"--out_dir (the previous {path.name}, if any, is intact)") from None
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else
+               f"the write broke off ({' '.join(str(e).split())[:120]}), as when the disk is full")
+        raise ProjectError(f"could not write {path}: {why}; free space or pick another --out_dir (the "
+                           f"previous {path.name}, if any, is intact)") from None
     except BaseException:  # Ctrl-C mid-save: no half-written temporary file left behind
         tmp.unlink(missing_ok=True)
         raise
@@ -224,56 +226,74 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # Only a global the safe unpickler would not import means code; other unpickler errors
+        # (an unknown opcode, a short read) are damage.
+        if "Unsupported global" in str(e):
             raise ProjectError(f"refused {path}: it holds pickled objects other than tensors and plain "
                                f"types (possibly code), which were not run; use a checkpoint written by "
                                f"this project") from None
-        raise ProjectError(f"cannot load checkpoint {path}: it is corrupt or truncated ({e})") from None
+        raise ProjectError(f"cannot load checkpoint {path}: it is corrupt or truncated "
+                           f"({' '.join(str(e).split())[:200]})") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:200]
         raise ProjectError(f"cannot load checkpoint {path}: it is corrupt, truncated or not a "
                            f"checkpoint of this project ({first})") from None
     missing = {"model", "model_args", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ProjectError(f"{path} is not a checkpoint of this project (it lacks {sorted(missing)})")
+    weights, epoch = ckpt["model"], ckpt.get("epoch", 0)
+    if (not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["config"], dict)
+            or not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in weights.items())
+            or not isinstance(ckpt.get("kind", "vqvae"), str) or type(epoch) is not int):
+        raise ProjectError(f"{path} is not a checkpoint of this project (its model, model_args, config, "
+                           f"kind or epoch is not what this project writes)")
     if ckpt.get("kind", "vqvae") != kind:
         wanted = {"vqvae": "the run's best.pt (or the run folder)", "prior": "the run's prior_best.pt"}[kind]
         raise ProjectError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed "
                            f"here; pass {wanted}")
-    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["config"], dict):
-        raise ProjectError(f"{path} is not a checkpoint of this project (its model_args or config is not a table)")
     if kind == "vqvae" and "image_size" not in ckpt["model_args"]:  # written before the model knew its input size
         ckpt["model_args"] = {"image_size": ckpt["config"].get("image_size"), **ckpt["model_args"]}
     return ckpt
 
 
-def _load_weights(model, ckpt, path):
+def _rebuild(make, config_of, ckpt, path, device):
+    """The model of a checkpoint, make(config_of(model_args)), with its weights, in eval mode on `device`.
+
+    model_args are checked by the config's own rules, and the weights' names and shapes against a
+    model built on the meta device (no memory, no draws from the RNG), before the real one is built:
+    damaged model_args can neither crash the build nor make it allocate what they claim."""
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # names each tensor whose shape or presence differs
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})") from None
-    return model
+        cfg = config_of(ckpt["model_args"])
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in make(cfg).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ProjectError(f"{path} has model_args this version cannot build ({' '.join(str(e).split())[:200]}); "
+                           f"it is not a {ckpt.get('kind', 'vqvae')} checkpoint of this project") from None
+    weights = ckpt["model"]
+    differ = sorted(k for k in shapes.keys() | weights.keys()
+                    if shapes.get(k) != (tuple(weights[k].shape) if k in weights else None))
+    if differ:
+        detail = "; ".join(f"{k}: {tuple(weights[k].shape) if k in weights else 'missing'} in the file, "
+                           f"{shapes.get(k, 'none')} for its model_args" for k in differ[:3])
+        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ProjectError(f"{path} holds NaN or Inf weights ({', '.join(bad[:3])}): the run diverged before it "
+                           f"was saved; use an earlier checkpoint of the run or train again with a lower --lr")
+    model = make(cfg)
+    model.load_state_dict(weights)
+    return model.to(device).eval()
 
 
 def load_vqvae(ckpt, path, device):
     """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`."""
-    try:
-        cfg = VQVAEConfig.from_dict(ckpt["model_args"])
-    except (TypeError, ValueError) as e:
-        raise ProjectError(f"{path} has model_args this version cannot build ({e}); "
-                           f"it is not a VQ-VAE checkpoint of this project") from None
-    return _load_weights(VQVAE(cfg), ckpt, path).to(device).eval()
+    return _rebuild(VQVAE, VQVAEConfig.from_dict, ckpt, path, device)
 
 
 def load_prior(ckpt, path, device):
     """Rebuild the code prior of a prior checkpoint from its model_args alone, in eval mode."""
-    try:
-        prior = build_prior(PriorConfig(**ckpt["model_args"]))
-    except (TypeError, ValueError) as e:
-        raise ProjectError(f"{path} has model_args this version cannot build ({e}); "
-                           f"it is not a prior checkpoint of this project") from None
-    return _load_weights(prior, ckpt, path).to(device).eval()
+    return _rebuild(build_prior, lambda args: PriorConfig(**args), ckpt, path, device)
 
 
 def fingerprint(state_dict):

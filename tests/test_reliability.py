@@ -3,6 +3,7 @@ README lists: one line on stderr, exit code 2, nothing already written lost."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import phantom
 from conftest import ROOT, TINY_MODEL
 from test_data import write
 from test_scripts import assert_clean_error, run
+from utils import ProjectError, run_main, save_checkpoint
 
 INJECT = str(Path(__file__).parent / "inject")
 TINY_RUN = ["--epochs", "2", "--batch_size", "4", *TINY_MODEL]
@@ -334,3 +336,158 @@ def test_checkpoints_of_the_earlier_layout_load_in_predict_and_resume(tiny_data,
     assert resumed["epoch"] == 3 and resumed["model_args"]["image_size"] == [32, 16]
     assert_clean_error(run("train.py", "--resume", old, "--image_size", "64", "32", cwd=tmp_path),
                        "image_size=[32, 16]", "image_size=[64, 32]")
+
+
+def cli(module, argv, capsys):
+    """`python module.py ARGV` in this process (fast: torch is loaded once) -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_main(module.main, module.get_parser().parse_args(list(map(str, argv))))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err, *words):
+    lines = [l for l in err.splitlines() if l.strip() and not re.match(r"(prior )?epoch \d+/\d+:", l)]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+ABSURD_TRAIN_FLAGS = [["--batch_size", "0"], ["--batch_size", "-1"], ["--lr", "nan"], ["--lr", "-1"],
+                      ["--num_embeddings", "0"], ["--num_embeddings", "-1"], ["--num_hiddens", "0"],
+                      ["--embedding_dim", "0"], ["--num_downsampling_layers", "0"], ["--num_downsampling_layers", "-1"],
+                      ["--seed", "-1"], ["--prior_lr", "nan"], ["--epochs", "0"], ["--epochs", "-1"],
+                      ["--commitment_cost", "nan"], ["--ssim_weight", "nan"], ["--ema", "--decay", "2"],
+                      ["--ema", "--epsilon", "0"], ["--num_residual_layers", "-1"], ["--prior_dropout", "nan"]]
+
+
+def test_absurd_flags_are_one_line_before_anything_is_made(tiny_data, tmp_path, monkeypatch, capsys):
+    """Every flag is checked by its setting's rule when the arguments are read: one line naming the
+    flag, exit code 2, and no run folder (neither --out_dir nor runs/)."""
+    import predict
+    import train
+    monkeypatch.chdir(tmp_path)
+    for flags in ABSURD_TRAIN_FLAGS:
+        code, _, err = cli(train, ["--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run"], capsys)
+        one_error_line(code, err, flags[-2])
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+    for flags in (["--batch_size", "0"], ["--batch_size", "-1"], ["--temperature", "nan"], ["--top_k", "-2"]):
+        code, _, err = cli(predict, [*flags, "--out_dir", tmp_path / "pred"], capsys)
+        one_error_line(code, err, flags[0])
+        assert not (tmp_path / "pred").exists()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("hostile") / "run"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--epochs", "1", "--stage", "vqvae", "--out_dir",
+               run_dir, cwd=run_dir.parent).returncode == 0
+    return run_dir
+
+
+def mutate(ckpt, where, key, value):
+    """ckpt with ckpt[where][key] = value (ckpt[key] when where is None); value DELETE drops the key."""
+    part = dict(ckpt if where is None else ckpt[where])
+    part.pop(key) if value is DELETE else part.__setitem__(key, value)
+    return part if where is None else {**ckpt, where: part}
+
+
+DELETE = object()
+BAD_CHECKPOINTS = [
+    *[("model_args", "num_embeddings", v) for v in (0, -1, 10**9, float("nan"), "16", True)],
+    ("model_args", "num_hiddens", -4), ("model_args", "num_hiddens", 2.5), ("model_args", "codebook_init", "bogus"),
+    ("model_args", "image_size", [32, 16, 1]), ("model_args", "image_size", [32.0, 16.0]),
+    ("model_args", "image_size", [-32, 16]), ("model_args", "image_size", [30, 16]), ("model_args", "image_size", [8, 8]),
+    ("model_args", "bogus_setting", 1), ("model_args", "decay", float("inf")),
+    (None, "model", None), (None, "model", torch.zeros(3)), (None, "model", {"encoder.x": "not a tensor"}),
+    (None, "config", "x"), (None, "config", {}), ("config", "data_dir", 5), ("config", "data_dir", "/nonexistent/data"),
+    ("config", "data_dir", DELETE), (None, "epoch", torch.tensor(1)), (None, "epoch", b"x"), (None, "model_args", [1]),
+    (None, "kind", 3),
+]
+
+
+@pytest.mark.parametrize("where, key, value", BAD_CHECKPOINTS)
+def test_damaged_checkpoint_is_one_line_and_writes_nothing(one_epoch_run, tmp_path, capsys, where, key, value):
+    """predict.py on a checkpoint whose content (not its bytes: test_fuzz does those) is damaged: one
+    line naming the file, exit code 2, and no predict/ folder left behind."""
+    import predict
+    path = tmp_path / "best.pt"
+    torch.save(mutate(torch.load(one_epoch_run / "best.pt", weights_only=True), where, key, value), path)
+    code, _, err = cli(predict, ["--checkpoint", path, "--num_samples", "0"], capsys)
+    one_error_line(code, err, str(path))
+    assert not (tmp_path / "predict").exists()
+
+
+def test_nan_weights_no_image_size_and_a_moved_data_folder_are_named(one_epoch_run, tmp_path, capsys):
+    import predict
+    ckpt = torch.load(one_epoch_run / "best.pt", weights_only=True)
+    torch.save(mutate(mutate(ckpt, "model_args", "image_size", DELETE), "config", "image_size", DELETE), tmp_path / "nosize.pt")
+    one_error_line(*cli(predict, ["--checkpoint", tmp_path / "nosize.pt"], capsys)[::2], "nosize.pt", "image_size")
+    ckpt["model"]["decoder.net.0.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    one_error_line(*cli(predict, ["--checkpoint", tmp_path / "nan.pt"], capsys)[::2], "NaN or Inf weights",
+                   "decoder.net.0.weight")
+    torch.save(mutate(torch.load(one_epoch_run / "best.pt", weights_only=True), "config", "data_dir", "/moved"),
+               tmp_path / "moved.pt")
+    one_error_line(*cli(predict, ["--checkpoint", tmp_path / "moved.pt"], capsys)[::2], "was trained on", "/moved",
+                   "pass --data_dir")
+
+
+def test_resume_from_best_when_last_is_damaged(tiny_data, tmp_path):
+    """The README's advice for a damaged last.pt, --resume RUN/best.pt, is followed, not refused."""
+    run_dir = tmp_path / "run"
+    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--stage", "vqvae", "--out_dir", run_dir,
+               cwd=tmp_path).returncode == 0
+    (run_dir / "last.pt").write_bytes(b"damaged")
+    proc = run("train.py", "--resume", run_dir / "best.pt", "--epochs", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_adam_state_follows_the_parameters_layout():
+    """A run begun with NCHW parameters and resumed with channels_last ones (CPU -> CUDA) gets Adam
+    moments in the parameters' layout, which the fused kernel requires."""
+    import train
+    from modules import VQVAE, VQVAEConfig
+    model = VQVAE(VQVAEConfig(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8, num_embeddings=16))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 1, 32, 16))["x_recon"].sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters())
+    opt.load_state_dict(saved)
+    conv = model.encoder.net[0].weight
+    assert opt.state[conv]["exp_avg"].stride() != conv.stride()  # the mismatch that the fused kernel rejects
+    train.match_layouts(opt)
+    assert all(s["exp_avg"].stride() == p.stride() and s["exp_avg_sq"].stride() == p.stride()
+               for p, s in opt.state.items())
+    assert torch.equal(opt.state[conv]["exp_avg"], saved["state"][0]["exp_avg"])  # the values are kept
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 160 KiB file system (tmpfs), where the machine lets this process mount one (root on Linux)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                                                 capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_what_was_written(tiny_data, small_disk, tmp_path):
+    """On a real full file system torch.save fails with its own RuntimeError ("unexpected pos"), not
+    the OSError an injected ENOSPC gives: both are one line, and the files already written stay."""
+    proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, "--stage", "vqvae", "--out_dir", small_disk / "run",
+               cwd=tmp_path)
+    assert_clean_error(proc, "could not write", "intact")
+    assert (small_disk / "run" / "metrics.csv").is_file() and not list((small_disk / "run").glob(".*tmp*"))
+    shutil.rmtree(small_disk / "run")
+    with pytest.raises(ProjectError, match="could not write .*the write broke off"):
+        save_checkpoint(small_disk / "big.pt", {"a": torch.zeros(200_000)})  # torch's RuntimeError path
+    assert not list(small_disk.iterdir())  # no temporary file left
