@@ -179,6 +179,23 @@ def test_phantom_is_deterministic_and_in_release_layout(tmp_path):
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
+def _generate(out):
+    return phantom.generate(out, patients={"keras_slices_train": 2, "keras_slices_validate": 1,
+                                           "keras_slices_test": 1}, slices_per_patient=6)
+
+
+def test_phantom_is_generated_once_by_processes_started_together(tmp_path):
+    """torchrun's processes without --data_dir all ask for the phantom at once: one writes it, the
+    others wait and read it (before, a later process replaced the folder an earlier one was reading)."""
+    import multiprocessing as mp
+    out = tmp_path / "phantom"
+    with mp.get_context("spawn").Pool(3) as pool:
+        folders = pool.map(_generate, [out] * 3)
+    assert folders == [out] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".phantom.lock", "phantom"]  # no temporary folders left
+    assert len(list((out / "keras_slices_train").iterdir())) == 12
+
+
 def test_real_volume_is_refused_and_its_slices_load(tmp_path):
     with pytest.raises(ProjectError, match="cut volumes into one 2D slice per file"):
         load_slice(REAL)
