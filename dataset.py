@@ -345,23 +345,26 @@ def place(slices, device):
     return x.to(device)
 
 
-def num_batches(n, batch_size, world_size=1):
-    """Batches per epoch of epoch_batches: a last batch that does not split over the processes is dropped."""
+def num_batches(n, batch_size, world_size=1, drop_last=False):
+    """Batches per epoch of epoch_batches: a last batch that does not split over the processes is
+    dropped, and with drop_last any last batch smaller than batch_size."""
     full, rest = divmod(n, batch_size)
-    return full + (rest > 0 and rest % world_size == 0)
+    return full + (rest > 0 and rest % world_size == 0 and not drop_last)
 
 
-def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1):
+def epoch_batches(n, batch_size, seed, epoch, device, rank=0, world_size=1, drop_last=False):
     """One epoch's batches for this process: index tensors on `device` (where the split lives).
 
     The order is a permutation of range(n) drawn from (seed, epoch) alone, so a resumed run, a run
     on another device or on more GPUs sees the same batches. It is cut into global batches of `batch_size`; with
     world_size processes each takes its contiguous share of every global batch (a last batch that
     does not split evenly over the processes is dropped, so every rank steps the same times).
+    drop_last drops any smaller last batch, so that every step has the same shape (--compile).
     """
     # Drawn on the CPU (identical on every device and every rank), moved once per epoch.
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    batches = torch.randperm(n, generator=g).to(device).split(batch_size)[:num_batches(n, batch_size, world_size)]
+    batches = torch.randperm(n, generator=g).to(device).split(batch_size)[:num_batches(n, batch_size, world_size,
+                                                                                       drop_last)]
     return [b.view(world_size, -1)[rank] for b in batches] if world_size > 1 else batches
 
 

@@ -133,11 +133,13 @@ BITS_PER_NAT = 1 / math.log(2)
 
 
 @torch.no_grad()
-def prior_nll_bits(prior, codes, batch_size, device):
-    """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode."""
+def prior_nll_bits(prior, codes, batch_size, device, precision="fp32"):
+    """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode, its forward
+    pass in `precision` (as --precision)."""
     was_training = prior.training
     prior.eval()
-    total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
+    with autocast_for(device, precision):
+        total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
     prior.train(was_training)
     return total.item() / len(codes) * BITS_PER_NAT
 
@@ -184,9 +186,11 @@ def inception_features(images, device, batch_size=32):
     """images: (N, 1, H, W) in [0, 1] -> (N, 2048) float64 FID features (grey copied to RGB)."""
     net = inception(device)
     feats = []
-    for x in images.split(batch_size):
-        x = x.to(device).float().clamp(0, 1).expand(-1, 3, -1, -1)
-        feats.append(net(_resize_tf(x) * (255 / 128) - 1).double().cpu())  # TF range [-1, 127/128]
+    # Full fp32, as the reference FID code computes: no TF32 convolutions (cuDNN's default on CUDA).
+    with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark, allow_tf32=False):
+        for x in images.split(batch_size):
+            x = x.to(device).float().clamp(0, 1).expand(-1, 3, -1, -1)
+            feats.append(net(_resize_tf(x) * (255 / 128) - 1).double().cpu())  # TF range [-1, 127/128]
     return torch.cat(feats).numpy()
 
 
@@ -241,6 +245,8 @@ def max_ssim_to(queries, refs, device, chunk=256):
 
 
 @torch.no_grad()
-def encode_split(model, images, device, batch_size):
-    """images (N, 1, H, W) in [0, 1] -> code maps (N, h, w) long on `device`, in order."""
-    return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])
+def encode_split(model, images, device, batch_size, precision="fp32"):
+    """images (N, 1, H, W) in [0, 1] -> code maps (N, h, w) long on `device`, in order; the encoder in
+    `precision` (as --precision: the run's own, so the prior learns the codes training produced)."""
+    with autocast_for(device, precision):
+        return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])

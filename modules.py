@@ -18,6 +18,7 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+@torch.no_grad()  # an argmin has no gradient: no graph is kept for the (N, K) distances
 def _nearest(z, e):
     """z: (N, D), e: (K, D) -> (N,) index of the nearest row of e by squared L2 distance, in fp32:
     argmin over near-ties is precision-sensitive, so autocast is switched off here."""
@@ -25,6 +26,11 @@ def _nearest(z, e):
         z, e = z.float(), e.float()
         dist2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)  # (N, K)
         return dist2.argmin(1)
+
+
+def _is_channels_last(x):
+    """Whether x (B, C, H, W) is stored channels_last (and not also plain contiguous, as when C or H*W is 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def code_counts(indices, K):
@@ -52,8 +58,13 @@ def _random_rows(z, n):
     local = pick - rank * N
     mine = (local >= 0) & (local < N)
     rows = torch.where(mine[:, None], z[local.clamp(0, N - 1)], torch.zeros((), dtype=z.dtype, device=z.device))
-    dist.all_reduce(rows)  # each row comes from exactly one rank
-    return rows
+    return _all_reduce(rows)  # each row comes from exactly one rank
+
+
+@torch.compiler.disable  # collectives run eagerly: a compiled graph (torch.compile of DDP) never holds one
+def _all_reduce(t):
+    dist.all_reduce(t)
+    return t
 
 
 def _gather_rows(z):
@@ -243,7 +254,11 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        return self.net(self.residual_stack(self.conv(z)))  # (B, C, H, W)
+        x = self.net[:-1](self.residual_stack(self.conv(z)))  # (B, num_hiddens // 2, H / 2, W / 2)
+        # The last layer in fp32 even under bf16 autocast, so the reconstruction that the loss, SSIM
+        # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
+        with torch.autocast(z.device.type, enabled=False):
+            return self.net[-1](x.float())  # (B, C, H, W)
 
 
 class VectorQuantizer(nn.Module):
@@ -296,9 +311,23 @@ class VectorQuantizer(nn.Module):
         """z_flat: (N, D) -> indices (N,) of the nearest code by squared L2 distance."""
         return _nearest(z_flat, self.codebook.weight)
 
-    def embed(self, indices):
-        """indices: (B, h, w) long -> z_q: (B, D, h, w)."""
-        return self.codebook(indices).permute(0, 3, 1, 2).contiguous()
+    def embed(self, indices, memory_format=torch.contiguous_format):
+        """indices: (B, h, w) long -> z_q: (B, D, h, w) in `memory_format` (the lookup's own layout,
+        (B, h, w, D) permuted, is channels_last: then no copy is made)."""
+        return self.codebook(indices).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+    @torch.compiler.disable  # once, eagerly: never part of a compiled training step
+    @torch.no_grad()
+    def init_codebook(self, z_e):
+        """The codebook <- k-means centres of the encoder outputs z_e (B, D, h, w) of the first
+        training batch (of every rank's batch under torch.distributed)."""
+        z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        centres = kmeans(_gather_rows(z_flat.float()), self.num_embeddings)  # (K, D)
+        if _distributed():  # every rank computed them from the same rows; rank 0's copy rules
+            dist.broadcast(centres, src=0)
+        self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool, device=z_e.device), centres)
+        self.initialized.fill_(True)
+        self._needs_init = False
 
     def forward(self, z_e):
         """z_e: (B, D, h, w) -> dict with z_q (B, D, h, w, straight-through), indices (B, h, w),
@@ -306,14 +335,10 @@ class VectorQuantizer(nn.Module):
         B, D, h, w = z_e.shape
         z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         if self.training and self._needs_init:
-            centres = kmeans(_gather_rows(z_flat.detach().float()), self.num_embeddings)  # (K, D)
-            if _distributed():  # every rank computed them from the same rows; rank 0's copy rules
-                dist.broadcast(centres, src=0)
-            self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool, device=z_e.device), centres)
-            self.initialized.fill_(True)
-            self._needs_init = False
+            self.init_codebook(z_e)
         indices = self.nearest(z_flat)  # (B*h*w,)
-        z_q = self.embed(indices.view(B, h, w)).to(z_e.dtype)  # (B, D, h, w), codes before the update
+        layout = torch.channels_last if _is_channels_last(z_e) else torch.contiguous_format
+        z_q = self.embed(indices.view(B, h, w), layout).to(z_e.dtype)  # (B, D, h, w), codes before the update
         if self.training and (self.ema or self.restart_after > 0):
             self._update_codebook(z_flat.detach().float(), indices)
 
@@ -336,13 +361,13 @@ class VectorQuantizer(nn.Module):
         """One training step's codebook bookkeeping: the EMA update, then dead-code restart."""
         counts = code_counts(indices, self.num_embeddings).float()  # (K,)
         if _distributed():
-            dist.all_reduce(counts)  # code use over the global batch
+            _all_reduce(counts)  # code use over the global batch
         if self.ema:
             # Appendix A.1: N_i <- decay N_i + (1-decay) n_i, m_i <- decay m_i + (1-decay) sum z,
             # e_i = m_i / N_i, with Laplace smoothing of N_i so unused codes never divide by zero.
             embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_flat)  # (K, D)
             if _distributed():
-                dist.all_reduce(embed_sum)
+                _all_reduce(embed_sum)
             self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_embed_sum.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
             n = self.ema_cluster_size.sum()
@@ -496,7 +521,14 @@ def _draw(logits, temperature, top_k, generator):
     if 0 < top_k < logits.shape[1]:
         kth = logits.topk(top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator)
+    # argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p (the exponential race, a form of the
+    # Gumbel-max trick), with no host-side check: torch.multinomial validates p on the host on CUDA,
+    # about two syncs per code, 512 per sampled map.
+    # E is kept above 0: a draw of exactly 0 (about one in 2**24) would make 0 / 0 = NaN for a code
+    # that top_k ruled out, and argmax picks NaN.
+    p = F.softmax(logits, dim=1)
+    e = torch.empty_like(p).exponential_(generator=generator).clamp_min_(torch.finfo(p.dtype).tiny)
+    return (p / e).argmax(1, keepdim=True)
 
 
 class AutoregressivePrior(nn.Module):

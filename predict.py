@@ -27,7 +27,7 @@ from figures import save_code_histogram, save_comparison, save_image_grid
 from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
                      prior_nll_bits)
 from modules import check_settings, code_counts, setting
-from utils import (ProjectError, add_settings, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
+from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
                    load_vqvae, pick_device, run_main, settings_from, to_unit, write_csv, write_json, write_nifti_gz)
 
 @dataclass
@@ -108,16 +108,17 @@ def find_prior(args, vq_ckpt, ckpt_path):
     return prior_ckpt, prior_path
 
 
-def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device):
+def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device, precision):
     """Sample --num_samples slices from the prior and measure them against the test split -> metrics."""
     prior = load_prior(prior_ckpt, prior_path, device)
 
     # ---- sample and decode, timed (.cpu() waits for the device)
     g = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
-                       for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
-    samples = torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(args.batch_size)]).cpu()
+    with autocast_for(device, precision):
+        codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
+                           for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
+        samples = torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(args.batch_size)]).cpu()
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
@@ -151,7 +152,8 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     test_counts = code_counts(test_res["indices"][test_pick[:n]], K)
     gen = {"num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
            "prior_checkpoint": str(prior_path), "prior_epoch": prior_ckpt["epoch"],
-           "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device),
+           "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device,
+                                                 precision),
            "sample_seconds": seconds, "device": str(device),
            "fid": fids, "kid": {k: {"mean": m, "std": sd} for k, (m, sd) in kids.items()},
            "memorisation": {"samples_max_ssim_to_train_mean": sample_max.mean().item(),
@@ -176,9 +178,13 @@ def main(args):
     # ---- setup
     args = settings_from(PredictConfig, vars(args))
     device = pick_device(args.device)
-    configure_backends(device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
     ckpt = load_checkpoint(ckpt_path)
+    # The precision the run trained, validated and encoded in (runs before it was recorded: fp32).
+    precision = ckpt["config"].get("dtype", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ProjectError(f"{ckpt_path} records dtype {precision!r}, which is neither fp32 nor bf16; it is damaged")
+    configure_backends(device, precision=precision)
 
     # ---- models and data (the prior and the FID network first: a problem with any of them stops
     # the run before anything is written, not after the reconstructions)
@@ -197,7 +203,7 @@ def main(args):
         raise ProjectError(f"cannot create {out_dir}: {e.strerror}; pick another --out_dir") from None
 
     # ---- reconstruct and score
-    res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True)
+    res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True, precision=precision)
     usage, perplexity = codebook_stats(res["counts"])
     s, p = res["ssim"], res["psnr"]
     metrics = {"n": len(s), "ssim_mean": s.mean().item(), "ssim_std": s.std(unbiased=False).item(),
@@ -209,7 +215,7 @@ def main(args):
 
     # ---- generate, when the run has a prior
     if prior:
-        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, out_dir, device)
+        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, out_dir, device, precision)
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)

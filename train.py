@@ -34,7 +34,7 @@ from dataset import epoch_batches, get_batch, load_split, num_batches, place, re
 from figures import save_comparison, save_curves, save_image_grid
 from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, setting
-from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
+from utils import (ProjectError, Writer, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
                    load_checkpoint, load_vqvae, make_checkpoint, new_run_dir, pick_device, run_main,
                    save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_unit, uses_bf16, write_csv,
                    write_json)
@@ -236,7 +236,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     check_run(run, world_size)  # before any data is read or any folder made
     seed_everything(args.seed)  # the same on every rank: the model init and the quantizer's draws agree
     device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if world_size > 1 else None)
-    configure_backends(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    configure_backends(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), args.precision)
     main_rank = rank == 0
 
     # ---- data (read before the run folder is made, so bad data leaves no empty run behind)
@@ -244,21 +244,24 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     train_set, val_set = (load_split(data_dir, split, cfg.image_size) for split in ("train", "validate"))
     train_images, val_images = place(train_set, device), place(val_set, device)  # (N, 1, H, W) float16 in [0, 1]
     n_train = len(train_images)
-    steps_per_epoch = num_batches(n_train, args.batch_size, world_size)
+    # Under --compile every step has the same shape: a ragged last batch would compile a second graph.
+    steps_per_epoch = num_batches(n_train, args.batch_size, world_size, drop_last=args.compile)
     total_steps = args.epochs * steps_per_epoch
     if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
         raise ProjectError(f"--warmup_steps {args.warmup_steps} is not shorter than the run ({total_steps} "
                            f"steps), so the cosine schedule would never leave warm-up; lower --warmup_steps")
     fixed = val_set.images[:NUM_COMPARISON]  # (6, 1, H, W) in [0, 1]: the same slices every epoch
     out_dir, log = open_run(args.out_dir, ckpt, main_rank, world_size)
+    dtype = "bf16" if uses_bf16(device, args.precision) else "fp32"  # what --precision means on this device
     config = {**run.flags(), "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
-              "out_dir": str(out_dir), "device": str(device), "resume": None, "world_size": world_size}
+              "out_dir": str(out_dir), "device": str(device), "resume": None, "world_size": world_size,
+              "dtype": dtype}
     if main_rank:
         write_json(out_dir / "config.json", config)
     H, W = cfg.image_size
     log(f"run {out_dir}: {n_train} train / {len(val_images)} validation slices from {data_dir}, {H}x{W}, "
         f"device {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-        + f", {'bf16' if uses_bf16(device, args.precision) else 'fp32'}" + (", compiled" if args.compile else ""))
+        + f", {dtype}" + (", compiled" if args.compile else ""))
 
     # ---- model
     model, net = build_model(cfg, device, args.compile, world_size)
@@ -277,17 +280,22 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
             group["fused"] = optimizer.defaults["fused"]
         optimizer.load_state_dict(ckpt["optimizer"])
         match_layouts(optimizer)
-        set_rng_state(ckpt["rng"])  # the data order is a function of (seed, epoch): nothing to restore
+        set_rng_state(ckpt["rng"], device)  # the data order is a function of (seed, epoch): nothing to restore
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         rows, batch_losses = ckpt["history"]["rows"], ckpt["history"]["batch_losses"]
         log(f"resumed {args.resume} after epoch {ckpt['epoch']} (best validation MSE {best_val:.4f})")
 
     # ---- loop
+    writer = Writer(background=device.type == "cuda")  # inline on the CPU: nothing to overlap with
     step_count = (start_epoch - 1) * steps_per_epoch  # optimizer steps taken so far (for the schedule)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         model.train()
-        batches = epoch_batches(n_train, args.batch_size, args.seed, epoch, train_images.device, rank, world_size)
+        batches = epoch_batches(n_train, args.batch_size, args.seed, epoch, train_images.device, rank, world_size,
+                                drop_last=args.compile)
+        if args.compile and model.vq._needs_init:  # k-means once, eagerly: not a graph compiled for one step
+            with torch.no_grad(), autocast_for(device, args.precision):
+                model.vq.init_codebook(model.pre_vq_conv(model.encoder(get_batch(train_images, batches[0], device))))
         sums, step_losses = train_epoch(net, optimizer, train_images, batches, device, args, step_count, total_steps,
                                         desc=f"epoch {epoch}/{args.epochs}", show=main_rank)
         step_count += len(batches)
@@ -313,32 +321,52 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
         usage, perplexity = codebook_stats(val["counts"])
         rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
                      val["psnr"].mean().item(), usage, perplexity, time.time() - t0])
-        if not main_rank:
-            continue
-        res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
-        save_comparison(out_dir / f"epoch_{epoch:03d}_comparison.png", fixed.float(), res["indices"], res["recons"],
-                        f"epoch {epoch}: validation slices, SSIM {res['ssim'].mean():.4f}",
-                        cfg.num_embeddings, [f"SSIM {s:.3f}" for s in res["ssim"]])
-
-        # ---- save
+        # ---- save (rank 0, by the writer: beside the next epoch's training on CUDA)
         # Best by validation reconstruction MSE: it measures the images the decoder makes from the
         # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
         improved = val["recon_loss"] < best_val
         best_val = min(best_val, val["recon_loss"])
-        ckpt = make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
-                               {"rows": rows, "batch_losses": batch_losses})
-        write_csv(out_dir / "metrics.csv", METRICS, rows)
-        if improved:
-            save_checkpoint(out_dir / "best.pt", ckpt)
-        save_checkpoint(out_dir / "last.pt", ckpt)  # last: a kill before it leaves the epoch to redo
-        log(epoch_line(dict(zip(METRICS, rows[-1])), optimizer.param_groups[0]["lr"], improved))
+        if main_rank:
+            res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
+            ckpt = make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
+                                   {"rows": rows, "batch_losses": batch_losses}, device)
+            writer.submit(save_epoch, out_dir, epoch, fixed, res, cfg.num_embeddings, list(rows), ckpt, improved,
+                          epoch_line(dict(zip(METRICS, rows[-1])), optimizer.param_groups[0]["lr"], improved), log)
+        stop_together(writer.failure() if main_rank else None, world_size, device)
 
+    stop_together(writer.close() if main_rank else None, world_size, device)
     if main_rank:
         save_vqvae_curves(out_dir, rows, batch_losses, args.ssim_weight, cfg.num_embeddings)
         if world_size > 1:
             log(f"{world_size} processes: the codebook was identical on every rank after every epoch")
         log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
     return out_dir
+
+
+def save_epoch(out_dir, epoch, fixed, res, num_embeddings, rows, ckpt, improved, line, log):
+    """Rank 0's files of one epoch: the comparison figure, metrics.csv, best.pt (when improved) and
+    last.pt, then the epoch's log line."""
+    save_comparison(out_dir / f"epoch_{epoch:03d}_comparison.png", fixed.float(), res["indices"], res["recons"],
+                    f"epoch {epoch}: validation slices, SSIM {res['ssim'].mean():.4f}",
+                    num_embeddings, [f"SSIM {s:.3f}" for s in res["ssim"]])
+    write_csv(out_dir / "metrics.csv", METRICS, rows)
+    if improved:
+        save_checkpoint(out_dir / "best.pt", ckpt)
+    save_checkpoint(out_dir / "last.pt", ckpt)  # last: a kill before it leaves the epoch to redo
+    log(line)
+
+
+def stop_together(failure, world_size, device):
+    """Raise `failure` (rank 0's ProjectError, or None) on every rank. Under torchrun an error on rank
+    0 alone (a full disk) would otherwise leave the other ranks in the next collective until torchrun
+    kills them, with the real error buried under NCCL's messages."""
+    if world_size > 1:
+        flag = torch.tensor(float(failure is not None), device=device)
+        dist.broadcast(flag, src=0)
+        if flag.item() and failure is None:
+            raise ProjectError("rank 0 stopped with an error (its line is above); this process stops with it")
+    if failure is not None:
+        raise failure
 
 
 def open_run(out_dir, ckpt, main_rank, world_size):
@@ -391,9 +419,10 @@ def train_prior(run, run_dir, typed=None):
         retired, ckpt = retire_prior(run_dir), None
     elif ckpt:
         run = resume_prior(run, ckpt, last_path, typed or {})
-    args, cfg = run.prior_train, run.prior
+    args, cfg, precision = run.prior_train, run.prior, run.train.precision  # the VQ-VAE's precision, for both
     seed_everything(run.train.seed)
     device = pick_device(run.train.device)
+    configure_backends(device, precision=precision)
     log = open_log(run_dir / "log.txt")
     if retired:
         log(f"the prior in {run_dir} learned the codes of an earlier {vq_path.name}: moved its files to "
@@ -403,7 +432,7 @@ def train_prior(run, run_dir, typed=None):
     # ---- data: every slice encoded once, the prior never sees an image
     data_dir = recorded_data_dir(vq_ckpt["config"], vq_path)
     codes = {split: encode_split(vqvae, place(load_split(data_dir, split, vqvae.cfg.image_size), device),
-                                 device, args.batch_size)
+                                 device, args.batch_size, precision)
              for split in ("train", "validate")}  # (N, h, w) long each, on the device
     n_train = len(codes["train"])
     config = {k: v for k, v in run.flags().items() if k.startswith("prior_")}
@@ -424,7 +453,7 @@ def train_prior(run, run_dir, typed=None):
     if ckpt:
         prior.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])  # the batch order is a function of (seed, epoch)
+        set_rng_state(ckpt["rng"], device)  # the batch order is a function of (seed, epoch)
         start_epoch, best_val, rows = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]["rows"]
         log(f"resumed the prior in {run_dir} after epoch {ckpt['epoch']} "
             f"(best validation NLL {best_val:.4f} bits per code)")
@@ -436,7 +465,8 @@ def train_prior(run, run_dir, typed=None):
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for idx in tqdm(epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device),
                         desc=f"prior epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True):
-            nll = prior.nll(codes["train"][idx])  # (B,) nats per code
+            with autocast_for(device, precision):
+                nll = prior.nll(codes["train"][idx])  # (B,) nats per code
             loss = nll.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -446,7 +476,7 @@ def train_prior(run, run_dir, typed=None):
         if not math.isfinite(train_bits):
             raise ProjectError(f"prior training NLL is {train_bits} at epoch {epoch}; stopped before it "
                                f"reached a checkpoint (last good: {last_path}); try a lower --prior_lr")
-        val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device)
+        val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device, precision)
         if not math.isfinite(val_bits):
             raise ProjectError(f"prior validation NLL is {val_bits} after epoch {epoch}; stopped without "
                                f"saving it (last good: {last_path}); try a lower --prior_lr")
@@ -454,7 +484,8 @@ def train_prior(run, run_dir, typed=None):
 
         # The same seed every epoch, so the grids show the prior changing, not the draw.
         g = torch.Generator(device).manual_seed(run.train.seed)
-        samples = to_unit(vqvae.decode_indices(prior.sample(args.num_samples, generator=g))).cpu()
+        with autocast_for(device, precision):
+            samples = to_unit(vqvae.decode_indices(prior.sample(args.num_samples, generator=g))).cpu()
         save_image_grid(run_dir / f"prior_epoch_{epoch:03d}_samples.png", samples,
                         f"prior epoch {epoch}: {len(samples)} samples (temperature 1), validation NLL "
                         f"{val_bits:.3f} bits per code")
@@ -462,7 +493,7 @@ def train_prior(run, run_dir, typed=None):
         # ---- save
         improved = val_bits < best_val
         best_val = min(best_val, val_bits)
-        ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, vqvae=vq_id)
+        ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, device, vqvae=vq_id)
         write_csv(run_dir / "prior_metrics.csv", PRIOR_METRICS, rows)
         if improved:
             save_checkpoint(run_dir / "prior_best.pt", ckpt)

@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -56,12 +57,16 @@ def pick_device(name=None, local_rank=None):
     return device
 
 
-def configure_backends(device, processes_per_node=1):
-    """Speed settings for `device`: cuDNN autotuning on CUDA (the input size never changes); on the
-    CPU, torch's default threads (one per physical core) for one process, and under torchrun each
-    process's share of the cores it may run on, so that the processes do not oversubscribe them."""
+def configure_backends(device, processes_per_node=1, precision="auto"):
+    """Speed and precision settings for `device`: cuDNN autotuning on CUDA (the input size never
+    changes), and TF32 convolutions only when the run computes in bf16 anyway (torch's default is
+    TF32 for every cuDNN convolution, so --precision fp32 would not be fp32; matmuls are full fp32
+    by torch's default); on the CPU, torch's default threads (one per physical core) for one
+    process, and under torchrun each process's share of the cores it may run on, so that the
+    processes do not oversubscribe them."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = uses_bf16(device, precision)
         if device.index is not None:  # a torchrun process: its own GPU by default
             torch.cuda.set_device(device)
     elif device.type == "cpu" and processes_per_node > 1:
@@ -89,20 +94,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    """Generator states that decide what happens next: the global torch RNG and that of the current
-    CUDA device (the one this process trains on; under torchrun every rank's is the same)."""
+def rng_state(device):
+    """Generator states that decide what happens next: the global torch RNG and, on CUDA, that of
+    `device` (the GPU this process trains on; under torchrun every rank's is the same). A CPU run
+    never touches CUDA (reading a GPU's generator would start a CUDA context)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and device.type == "cuda":
         cuda = state["cuda"]  # checkpoints before torchrun support held a list, one per device
-        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
+        torch.cuda.set_rng_state(cuda[device.index or 0] if isinstance(cuda, list) else cuda, device)
 
 
 def to_model(x):
@@ -184,7 +190,54 @@ def atomic_write(path, write):
         raise
 
 
-def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float("inf"), history=None, **extra):
+class Writer:
+    """Runs rank 0's per-epoch writing (figures, checkpoints) in one worker thread when `background`
+    (on CUDA, so the GPU trains the next epoch meanwhile), else at once. Jobs run in order; their
+    tensors are copied to the host first, since training goes on changing the live ones. The first
+    error (a ProjectError, e.g. a full disk) is returned by failure() or close(), never lost."""
+
+    def __init__(self, background):
+        self.pool = ThreadPoolExecutor(1) if background else None
+        self.jobs, self.error = [], None
+
+    def submit(self, fn, *args):
+        if self.pool is None:
+            try:
+                fn(*args)
+            except ProjectError as e:
+                self.error = self.error or e
+        else:
+            self.jobs.append(self.pool.submit(fn, *_to_host(args)))
+
+    def failure(self, wait=False):
+        """The first error of a finished job (of every job, with wait=True), or None."""
+        while self.jobs and (wait or self.jobs[0].done()):
+            try:
+                self.jobs.pop(0).result()
+            except ProjectError as e:
+                self.error = self.error or e
+        return self.error
+
+    def close(self):
+        error = self.failure(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown()
+        return error
+
+
+def _to_host(obj):
+    """A copy of obj with every tensor copied to the CPU (dicts, lists and tuples rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float("inf"), history=None, device=None,
+                    **extra):
     """The one checkpoint layout, of tensors and plain types only (torch.load(weights_only=True)):
     kind ("vqvae" or "prior"); model, the plain module's weights, and model_args, its config as a
     dict, from which model_args alone rebuilds it; config, the run's flags as config.json holds them;
@@ -193,7 +246,7 @@ def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float
     fingerprint of the VQ-VAE whose codes it learned."""
     return {"kind": kind, "model": model.state_dict(), "model_args": model.cfg.to_dict(), "config": config,
             "optimizer": optimizer.state_dict() if optimizer else {}, "epoch": epoch, "best_val": best_val,
-            "rng": rng_state(), "history": history or {}, **extra}
+            "rng": rng_state(device or torch.device("cpu")), "history": history or {}, **extra}
 
 
 def save_checkpoint(path, ckpt):
@@ -287,8 +340,10 @@ def _rebuild(make, config_of, ckpt, path, device):
 
 
 def load_vqvae(ckpt, path, device):
-    """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`."""
-    return _rebuild(VQVAE, VQVAEConfig.from_dict, ckpt, path, device)
+    """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`
+    (channels_last on CUDA, the layout it trained in there)."""
+    model = _rebuild(VQVAE, VQVAEConfig.from_dict, ckpt, path, device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def load_prior(ckpt, path, device):

@@ -1,5 +1,6 @@
 """The fast paths keep the results: no per-step host sync, bf16 agrees with fp32, and two torchrun
 processes (gloo, CPU) train the same model as one process with the same global batch."""
+import math
 import re
 import subprocess
 from collections import Counter
@@ -146,3 +147,81 @@ def test_resume_takes_precision_and_compile_from_the_command(tiny_data, tmp_path
     assert (again.train.precision, again.train.compile) == ("bf16", True)
     kept = resumed()
     assert (kept.train.precision, kept.train.compile) == ("auto", False) and kept.model.num_embeddings == 32
+
+
+def test_compile_keeps_one_graph_with_a_ragged_split_and_kmeans(tiny_data, tmp_path, monkeypatch):
+    """--compile on a split that does not divide into batches (8 slices, batch 3) with k-means
+    initialisation compiles the training step once: the ragged last batch is dropped (every step has
+    one shape) and k-means runs eagerly before the first step (its host-side flag never flips inside
+    a compiled graph). dynamo's eager backend stands in for inductor: graph counting is dynamo's."""
+    import functools
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    train.train_vqvae(tiny_args(tiny_data, tmp_path / "run", "--epochs", 2, "--batch_size", 3, "--compile"))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # a recompile would add one
+    rows = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["history"]["batch_losses"]
+    assert len(rows) == 2 * 2  # 2 full batches of 3 per epoch; the batch of 2 is dropped
+
+
+def test_sampler_draws_from_the_softmax_without_multinomial(monkeypatch):
+    """The exponential race (argmax p / E, E ~ Exp(1)) draws each code with its softmax probability
+    (a chi-square test over 40000 draws), keeps to the top k, and never calls torch.multinomial,
+    which waits on the host on CUDA."""
+    from modules import _draw
+    monkeypatch.setattr(torch, "multinomial", None)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    codes = _draw(logits, 1.0, 0, g)[:, 0]
+    expected = torch.softmax(logits[0], 0) * len(codes)
+    observed = torch.bincount(codes, minlength=5).float()
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.5, chi2  # the 0.1% quantile of chi-square with 4 degrees of freedom
+    top2 = _draw(logits, 1.0, 2, g)[:, 0]
+    assert set(top2.tolist()) == {0, 1}
+    assert abs((top2 == 0).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.01
+
+
+def test_background_writer_snapshots_orders_and_reports(tmp_path):
+    """The CUDA writer thread writes what the tensors were at submit time, in order, and hands back
+    the first error instead of losing it."""
+    from utils import ProjectError, Writer
+    written = []
+    def job(t, name):
+        written.append((name, t.clone()))
+    def failing():
+        raise ProjectError("could not write x")
+    w = Writer(background=True)
+    t = torch.zeros(3)
+    w.submit(job, t, "a")
+    t += 1  # training goes on changing the live tensor
+    w.submit(job, t, "b")
+    w.submit(failing)
+    error = w.close()
+    assert [n for n, _ in written] == ["a", "b"] and torch.equal(written[0][1], torch.zeros(3))
+    assert isinstance(error, ProjectError)
+
+
+def test_quantized_codes_keep_the_encoder_layout():
+    """z_q comes out in z_e's memory layout (channels_last on CUDA) without a copy to NCHW, and in
+    NCHW for NCHW input (the CPU's)."""
+    from modules import SEED_CODEBOOK, VectorQuantizer
+    vq = VectorQuantizer(VQVAEConfig(num_embeddings=16, embedding_dim=8, **SEED_CODEBOOK))
+    z = torch.randn(2, 8, 4, 3)
+    assert vq(z.to(memory_format=torch.channels_last))["z_q"].is_contiguous(memory_format=torch.channels_last)
+    assert vq(z)["z_q"].is_contiguous()
+
+
+def test_rank0_failure_stops_every_rank(tiny_data, tmp_path):
+    """Under torchrun, a full disk on rank 0 alone stops both processes at once with one line each
+    (before, rank 1 waited in its next collective until torchrun's timeout)."""
+    inject = str(ROOT / "tests" / "inject")
+    env = {**__import__("os").environ, "PYTHONPATH": inject, "VQVAE_INJECT": "enospc_from=3"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train.py"), "--data_dir", str(tiny_data), "--stage", "vqvae", "--device", "cpu",
+           "--epochs", "3", "--batch_size", "4", *TINY_MODEL, "--out_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "error: could not write" in proc.stderr and "error: rank 0 stopped with an error" in proc.stderr, proc.stderr[-2000:]
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
