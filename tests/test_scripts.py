@@ -204,3 +204,33 @@ def test_every_study_configuration_is_a_valid_train_command():
         assert "," not in label  # labels go into study.csv unquoted
     seed = run_config(*study.CONFIGS["seed"][1]).model
     assert (seed.ema, seed.codebook_init, seed.restart_after) == (False, "uniform", 0)
+
+
+def test_a_new_setting_is_one_field():
+    """A setting added as one field (here a made-up model setting) becomes a flag with its help and
+    default, is range-checked when parsed, and travels into model_args and back unchanged."""
+    import argparse
+    from dataclasses import make_dataclass
+    from modules import VQVAEConfig, setting
+    from utils import ProjectError, add_settings, flags_of, settings_from
+    Config = make_dataclass("Config", [("codebook_dim", int, setting(8, "dimensions of the code lookup", rule=">= 1"))],
+                            bases=(VQVAEConfig,))
+    p = argparse.ArgumentParser()
+    add_settings(p, Config)
+    assert "dimensions of the code lookup (default: 8)" in " ".join(p.format_help().split())
+    cfg = settings_from(Config, vars(p.parse_args(["--codebook_dim", "4", "--num_embeddings", "64"])))
+    assert (cfg.codebook_dim, cfg.num_embeddings) == (4, 64) and flags_of(cfg)["codebook_dim"] == 4
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ProjectError, match="--codebook_dim must be >= 1, got 0"):
+        settings_from(Config, vars(p.parse_args(["--codebook_dim", "0"])))
+
+
+def test_recon_loss_l1_is_a_setting_of_the_run(tiny_data, tmp_path):
+    """--recon_loss l1 (added as one field of TrainConfig) trains, is kept in the run, and a resume
+    that asks for another is refused by name."""
+    run_dir = tmp_path / "run"
+    assert run("train.py", "--data_dir", tiny_data, "--epochs", "1", "--batch_size", "4", *TINY_MODEL, "--stage",
+               "vqvae", "--recon_loss", "l1", "--out_dir", run_dir, cwd=tmp_path).returncode == 0
+    assert json.loads((run_dir / "config.json").read_text())["recon_loss"] == "l1"
+    assert_clean_error(run("train.py", "--resume", run_dir, "--recon_loss", "mse", cwd=tmp_path),
+                       "recon_loss=l1", "recon_loss=mse")
