@@ -116,9 +116,11 @@ def test_bench_prints_every_figure(tiny_data, tmp_path, monkeypatch, capsys):
 
 def test_compiled_training_saves_the_plain_model(tiny_data, tmp_path):
     """--compile (torch.compile, inductor on the CPU here) trains the same model as eager mode within
-    1e-3 per weight (inductor's fused kernels sum in another order: 1.4e-4 measured, while 4 Adam steps
-    at lr 1e-3 move a weight by up to 4e-3), and its checkpoint holds the plain module's keys (no
-    _orig_mod. prefix)."""
+    2e-3 per weight (inductor's fused kernels sum in another order: 1.2e-3 measured, in the codebook,
+    since k-means runs eagerly before the first step and the whole step, quantizer included, is one
+    compiled graph; 1.4e-4 when k-means broke the graph), while training moves every non-codebook
+    weight tensor by more than 3e-3; and its checkpoint holds the plain module's keys (no _orig_mod.
+    prefix)."""
     flags = ["--data_dir", tiny_data, "--stage", "vqvae", "--device", "cpu", "--epochs", 2, "--batch_size", 4,
              *TINY_MODEL]
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
@@ -128,7 +130,7 @@ def test_compiled_training_saves_the_plain_model(tiny_data, tmp_path):
     eager, compiled = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("eager", "compiled"))
     assert list(eager["model"]) == list(compiled["model"])
     diff = max((eager["model"][k].float() - compiled["model"][k].float()).abs().max().item() for k in eager["model"])
-    assert diff < 1e-3, diff
+    assert diff < 2e-3, diff
     # ... a tolerance that training itself exceeds: every non-codebook tensor moved by more than 3e-3.
     torch.manual_seed(0)  # train.py's seed: the same initial weights
     init = VQVAE(VQVAEConfig.from_dict(eager["model_args"])).state_dict()
