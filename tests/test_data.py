@@ -178,7 +178,6 @@ def test_phantom_is_deterministic_and_in_release_layout(tmp_path):
     assert not np.array_equal(load_slice(train[0]), load_slice(a / files[0]))
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
 def _generate(out):
     return phantom.generate(out, patients={"keras_slices_train": 2, "keras_slices_validate": 1,
                                            "keras_slices_test": 1}, slices_per_patient=6)
@@ -196,6 +195,7 @@ def test_phantom_is_generated_once_by_processes_started_together(tmp_path):
     assert len(list((out / "keras_slices_train").iterdir())) == 12
 
 
+@pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
 def test_real_volume_is_refused_and_its_slices_load(tmp_path):
     with pytest.raises(ProjectError, match="cut volumes into one 2D slice per file"):
         load_slice(REAL)
