@@ -115,6 +115,13 @@ def _obeys(value, rule):
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+def _is_kind(value, kind):
+    """isinstance, except that bool is not an int (nor a float) here and an int is a fine float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or kind is float and isinstance(value, int)
+
+
 def check_settings(cfg):
     """Raise ValueError naming the first field of the dataclass `cfg` whose value has the wrong type
     or breaks its rule or choices (a field whose default is None may also be None)."""
@@ -122,14 +129,12 @@ def check_settings(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         if value is None and f.default is None:
             continue
-        items = value if f.type is tuple and isinstance(value, tuple) else [value]
-        kind = int if f.type is tuple else f.type
-        # bool is an int to Python, and a whole number is a fine float; "16" or 1.5 is no int
-        if f.type is tuple and not isinstance(value, tuple) or not all(
-                isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
-                or kind is float and isinstance(v, int) and not isinstance(v, bool) for v in items):
-            what = "two integers" if f.type is tuple else KIND_NAMES[kind]
-            raise ValueError(f"{f.name} must be {what}, got {value!r}")
+        if f.type is tuple:  # image_size: a tuple of integers
+            items, ok = value, isinstance(value, tuple) and all(_is_kind(v, int) for v in value)
+        else:
+            items, ok = [value], _is_kind(value, f.type)
+        if not ok:
+            raise ValueError(f"{f.name} must be {'integers' if f.type is tuple else KIND_NAMES[f.type]}, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
         if meta.get("rule") and not all(_obeys(v, meta["rule"]) for v in items):

@@ -435,7 +435,7 @@ def train_prior(run, run_dir, typed=None):
                                  device, args.batch_size, precision)
              for split in ("train", "validate")}  # (N, h, w) long each, on the device
     n_train = len(codes["train"])
-    config = {k: v for k, v in run.flags().items() if k.startswith("prior_")}
+    config = {k: v for k, v in run.flags().items() if k in prior_flag_names()}
     config.update(seed=run.train.seed, device=str(device), vqvae_checkpoint=str(vq_path))
     write_json(run_dir / "prior_config.json", config)
 
