@@ -375,3 +375,46 @@ def get_batch(images, idx, device):
     if x.device.type == "cpu" and device.type == "cuda":
         x = x.pin_memory()  # the gathered batch is new memory: pinned, so the copy runs asynchronously
     return to_model(x.to(device, non_blocking=True))
+
+
+def augment(x, seed, step, flip=0.0, rotate=0.0, scale=0.0, shift=0.0, gamma=0.0, rank=0, world_size=1):
+    """A training batch x (B, 1, H, W) float32 in [-1, 1] on its device -> the same batch randomly
+    augmented, (B, 1, H, W) in [-1, 1], in one batched call on x's device with no host sync.
+
+    Per slice: a left-right flip with probability `flip` (left-right is the first image axis, H: the
+    release's coronal slices have rows running left-right), a rotation uniform in [-rotate, rotate]
+    degrees, a zoom uniform in [1 - scale, 1 + scale], a shift uniform in [-shift, shift] of the size
+    on each axis, and an intensity gamma exp(uniform(-gamma, gamma)) on the [0, 1] image. The draws
+    come from a generator on x's device seeded by (seed, step) alone, so a rerun or a resumed run
+    (same device) sees the same augmentations. Under torchrun x is this process's contiguous share of
+    the global batch: the draws are made for the whole global batch and this rank takes its rows, so
+    the processes do not repeat each other's draws. All settings 0: x itself, untouched.
+    """
+    if not (flip or rotate or scale or shift or gamma):
+        return x
+    B, _, H, W = x.shape
+    g = torch.Generator(device=x.device)
+    # A hash of (seed, step), not seed * k + step: two runs' steps never line up on one stream, nor
+    # with the data order's generator (seeded by seed and epoch).
+    g.manual_seed(int.from_bytes(hashlib.sha256(f"augment|{seed}|{step}".encode()).digest()[:8], "little"))
+    # One column per setting, always all drawn: turning one setting on does not change another's draws.
+    u = torch.rand(world_size * B, 6, device=x.device, generator=g)[rank * B:(rank + 1) * B]
+    unit = (x + 1) / 2  # [0, 1]: grid_sample's zero padding is then air, the image's minimum
+    if rotate or scale or shift or flip:
+        angle = torch.deg2rad((2 * u[:, 1] - 1) * rotate)
+        zoom = 1 + (2 * u[:, 2] - 1) * scale
+        sign = torch.where(u[:, 0] < flip, -1.0, 1.0)  # -1 mirrors the H axis (affine_grid's y)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        # affine_grid maps output to input positions in coordinates normalised to [-1, 1] per axis
+        # (x: W, y: H); the rotation is made in pixels (H/W, W/H factors) so a non-square slice is
+        # turned, not sheared. Shifting by a fraction f of the size is 2f in those coordinates.
+        theta = torch.stack([
+            torch.stack([cos, -sin * (H / W) * sign, 2 * shift * (2 * u[:, 3] - 1)], 1),
+            torch.stack([sin * (W / H), cos * sign, 2 * shift * (2 * u[:, 4] - 1)], 1)], 1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # Bilinear weights summing to 1 within rounding: clamped, so the batch stays in range.
+        unit = F.grid_sample(unit, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
+    if gamma:
+        # 0 and 1 are fixed points of any gamma: air stays air, the brightest tissue stays brightest.
+        unit = unit.clamp(0, 1).pow(torch.exp((2 * u[:, 5] - 1) * gamma)[:, None, None, None])
+    return unit * 2 - 1

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir, resolve_data_dir
+from dataset import (augment, epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir,
+                     resolve_data_dir)
 from figures import save_comparison, save_curves, save_image_grid
 from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
 from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, setting
@@ -58,9 +59,22 @@ class TrainConfig:
     batch_size: int = setting(32, "slices per Adam step (the global batch under torchrun)", rule=">= 1")
     lr: float = setting(1e-3, "Adam learning rate", rule="> 0")
     recon_loss: str = setting("mse", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
-                              "paper and the seed) or l1 (of a Laplacian one)", choices=("mse", "l1"))
+                              "paper and the seed), l1 (of a Laplacian one) or l1+mse (their sum)",
+                              choices=("mse", "l1", "l1+mse"))
     ssim_weight: float = setting(0.0, "adds ssim_weight * (1 - SSIM) to the reconstruction loss; 0: none",
                                  rule=">= 0")
+    # Augmentation of the training batches (dataset.augment), on the device, drawn from (seed, step);
+    # every one 0 (off) by default, so the seed configuration trains exactly as before.
+    aug_flip: float = setting(0.0, "probability of a left-right flip (of the first image axis, H) of each "
+                              "training slice", rule="in [0, 1]")
+    aug_rotate: float = setting(0.0, "largest rotation of a training slice, in degrees (each drawn uniform in "
+                                "[-aug_rotate, aug_rotate])", rule="in [0, 45]")
+    aug_scale: float = setting(0.0, "largest relative zoom of a training slice (0.1: uniform in [0.9, 1.1])",
+                               rule="in [0, 0.5]")
+    aug_shift: float = setting(0.0, "largest shift of a training slice on each axis, as a fraction of its size",
+                               rule="in [0, 0.5]")
+    aug_gamma: float = setting(0.0, "largest |log gamma| of a training slice's intensity gamma (the [0, 1] image "
+                               "to the power exp(uniform(-g, g)))", rule="in [0, 1]")
     lr_schedule: str = setting("constant", "constant as in the seed, or linear warm-up then cosine decay to 0",
                                choices=("constant", "cosine"))
     warmup_steps: int = setting(100, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
@@ -297,7 +311,8 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
             with torch.no_grad(), autocast_for(device, args.precision):
                 model.vq.init_codebook(model.pre_vq_conv(model.encoder(get_batch(train_images, batches[0], device))))
         sums, step_losses = train_epoch(net, optimizer, train_images, batches, device, args, step_count, total_steps,
-                                        desc=f"epoch {epoch}/{args.epochs}", show=main_rank)
+                                        desc=f"epoch {epoch}/{args.epochs}", show=main_rank, rank=rank,
+                                        world_size=world_size)
         step_count += len(batches)
         if world_size > 1:
             dist.all_reduce(sums)  # over the global batches: the numbers a one-process run logs
@@ -590,18 +605,23 @@ def build_optimizer(model, lr, device):
                             fused=device.type == "cuda" or None)
 
 
-def train_epoch(net, optimizer, images, batches, device, args, step_count, total_steps, desc="", show=True):
+def train_epoch(net, optimizer, images, batches, device, args, step_count, total_steps, desc="", show=True,
+                rank=0, world_size=1):
     """Train on `batches` (index tensors into images (N, 1, H, W) in [0, 1]) -> (sums (5,): loss,
     recon, codebook, commitment and SSIM summed over this process's slices; the loss of each step).
-    Both stay on the device: no step waits for it; the caller reads them once."""
+    Both stay on the device: no step waits for it; the caller reads them once. The batches are
+    augmented here (the --aug_* settings), and only here: validation, test and predict never are.
+    The training SSIM and losses are thus those of the augmented batches."""
+    aug = augment_settings(args)
     sums = torch.zeros(5, device=device)
     step_losses = torch.zeros(len(batches), device=device)
     for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not show)):
         x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]; one channel: already channels_last
+        if aug:  # skipped when off: not even an identity resampling, so such a run is bit-identical to before
+            x = augment(x, args.seed, step_count + step, **aug, rank=rank, world_size=world_size)
         with autocast_for(device, args.precision):
             out = net(x)
-            # -log p(x|z_q) up to constants: a Gaussian decoder (MSE) or a Laplacian one (L1)
-            recon_loss = (F.l1_loss if args.recon_loss == "l1" else F.mse_loss)(out["x_recon"].float(), x)
+            recon_loss = reconstruction_loss(out["x_recon"].float(), x, args.recon_loss)
             loss = recon_loss + out["vq_loss"]
             if args.ssim_weight:  # the project's SSIM as a loss, on [0, 1] images left unclamped for gradients
                 loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
@@ -613,6 +633,24 @@ def train_epoch(net, optimizer, images, batches, device, args, step_count, total
         sums += step_metrics(out, x, loss, recon_loss)
         step_losses[step] = loss.detach()
     return sums, step_losses
+
+
+def reconstruction_loss(x_recon, x, kind):
+    """The reconstruction term, a mean over the batch's pixels: -log p(x|z_q) up to constants of a
+    Gaussian decoder (mse, as the paper), of a Laplacian one (l1), or their sum (l1+mse): L1's gradient
+    does not fade as an error shrinks, which sharpens edges, while the MSE term keeps the paper's
+    Gaussian likelihood (and the validation criterion) in the objective."""
+    if kind == "mse":
+        return F.mse_loss(x_recon, x)
+    if kind == "l1":
+        return F.l1_loss(x_recon, x)
+    return F.l1_loss(x_recon, x) + F.mse_loss(x_recon, x)
+
+
+def augment_settings(args):
+    """The --aug_* settings as dataset.augment's keywords, or None when all are 0 (no augmentation)."""
+    aug = {name: getattr(args, f"aug_{name}") for name in ("flip", "rotate", "scale", "shift", "gamma")}
+    return aug if any(aug.values()) else None
 
 
 @torch.no_grad()

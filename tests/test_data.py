@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import phantom
-from dataset import SPLITS, SliceDataset, epoch_batches, get_batch, load_slice, load_split, resolve_data_dir, scale_unit
+from dataset import (SPLITS, SliceDataset, augment, epoch_batches, get_batch, load_slice, load_split, resolve_data_dir,
+                     scale_unit)
 from utils import ProjectError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hipmri_3d" / "Case_018_Week7_LFOV.nii.gz"
@@ -146,6 +147,67 @@ def test_epoch_batches_are_seeded_and_sharded():
     one = epoch_batches(10, 4, 3, 1, cpu)
     assert all(torch.equal(torch.cat([a, b]), g) for a, b, g in zip(*ranks, one))
     assert len(ranks[0]) == 3 and len(epoch_batches(9, 4, 3, 1, cpu, 0, 2)) == 2  # a last batch of 1 is dropped
+
+
+ALL_AUG = dict(flip=0.5, rotate=20.0, scale=0.2, shift=0.1, gamma=0.3)
+
+
+def phantom_batch(n=8, H=64, W=32):
+    """(n, 1, H, W) in [-1, 1]: a bright disk of radius 10 pixels and a graded bar on air (-1)."""
+    yy, xx = torch.meshgrid(torch.arange(H) - (H - 1) / 2, torch.arange(W) - (W - 1) / 2, indexing="ij")
+    unit = ((yy ** 2 + xx ** 2) <= 100).float() + ((yy - 20).abs() <= 3) * (xx + W / 2) / W * 0.8
+    return (unit.clamp(0, 1) * 2 - 1).expand(n, 1, H, W).contiguous()
+
+
+def test_augment_is_reproducible_by_seed_and_step():
+    x = phantom_batch()
+    before = x.clone()
+    a = augment(x, 0, 7, **ALL_AUG)
+    assert torch.equal(a, augment(x, 0, 7, **ALL_AUG))  # same (seed, step): the same batch, bit for bit
+    assert not torch.allclose(a, augment(x, 0, 8, **ALL_AUG))  # the next step draws anew
+    assert not torch.allclose(a, augment(x, 1, 7, **ALL_AUG))  # so does another seed
+    assert torch.equal(x, before)  # the stored batch is not changed in place
+    assert all(not torch.allclose(a[0], a[i]) for i in range(1, len(a)))  # each slice its own draw
+    # Under torchrun each rank augments its share of the global batch as one process would.
+    whole = augment(torch.cat([x, x.flip(0)]), 0, 7, **ALL_AUG)
+    assert torch.equal(augment(x.flip(0), 0, 7, **ALL_AUG, rank=1, world_size=2), whole[len(x):])
+
+
+def test_augment_off_is_the_identity():
+    x = phantom_batch()
+    assert augment(x, 0, 3) is x  # every setting 0: untouched, not resampled
+    assert torch.equal(augment(x, 0, 3, **dict.fromkeys(ALL_AUG, 0.0)), x)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_AUG))
+def test_augment_keeps_shape_and_range(name):
+    x = phantom_batch()
+    big = {"flip": 1.0, "rotate": 45.0, "scale": 0.5, "shift": 0.5, "gamma": 1.0}[name]
+    y = augment(x, 0, 1, **{name: big})
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    assert y.min() >= -1 and y.max() <= 1 and not torch.allclose(y, x)
+
+
+def test_each_augmentation_does_what_it_says():
+    x = phantom_batch()
+    # A flip with probability 1 mirrors the first image axis (H, left-right in the release's slices).
+    assert torch.allclose(augment(x, 0, 1, flip=1.0), x.flip(-2), atol=1e-5)
+    # Gamma changes intensities, not geometry: air stays air and full brightness stays full, pixel
+    # for pixel; the grey bar in between changes.
+    y = augment(x, 0, 1, gamma=0.5)
+    assert torch.equal(y == -1, x == -1) and torch.equal(y == 1, x == 1)
+    grey = (x > -1) & (x < 1)
+    assert (y[grey] - x[grey]).abs().max() > 0.05
+    # What geometry moves in from outside the slice is air (-1), not mid-grey (0 in the model's range).
+    bright = torch.ones(4, 1, 64, 32)
+    for setting in ({"rotate": 30.0}, {"shift": 0.2}):
+        y = augment(bright, 0, 1, **setting)
+        assert y.min() == -1 and (y[..., 24:40, 8:24] > 1 - 1e-5).all()  # the middle stays
+    # A rotation turns the slice in pixels: the disk stays a disk on the non-square grid (turned in
+    # the normalised coordinates instead it would be sheared into an ellipse, about 5x the error).
+    disk = phantom_batch()
+    disk[..., 40:, :] = -1  # without the bar
+    assert (augment(disk, 0, 1, rotate=45.0) - disk).abs().mean() < 0.04
 
 
 def test_data_dir_errors(tmp_path):

@@ -354,7 +354,9 @@ ABSURD_TRAIN_FLAGS = [["--batch_size", "0"], ["--batch_size", "-1"], ["--lr", "n
                       ["--embedding_dim", "0"], ["--num_downsampling_layers", "0"], ["--num_downsampling_layers", "-1"],
                       ["--seed", "-1"], ["--prior_lr", "nan"], ["--epochs", "0"], ["--epochs", "-1"],
                       ["--commitment_cost", "nan"], ["--ssim_weight", "nan"], ["--ema", "--decay", "2"],
-                      ["--ema", "--epsilon", "0"], ["--num_residual_layers", "-1"], ["--prior_dropout", "nan"]]
+                      ["--ema", "--epsilon", "0"], ["--num_residual_layers", "-1"], ["--prior_dropout", "nan"],
+                      ["--aug_flip", "1.5"], ["--aug_rotate", "90"], ["--aug_scale", "-0.1"], ["--aug_shift", "0.6"],
+                      ["--aug_gamma", "nan"]]
 
 
 def test_absurd_flags_are_one_line_before_anything_is_made(tiny_data, tmp_path, monkeypatch, capsys):

@@ -234,3 +234,63 @@ def test_recon_loss_l1_is_a_setting_of_the_run(tiny_data, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["recon_loss"] == "l1"
     assert_clean_error(run("train.py", "--resume", run_dir, "--recon_loss", "mse", cwd=tmp_path),
                        "recon_loss=l1", "recon_loss=mse")
+
+
+def test_recon_loss_l1_plus_mse_is_the_sum():
+    import train
+    assert run_config("--recon_loss", "l1+mse").train.recon_loss == "l1+mse"
+    a, b = torch.rand(2, 1, 8, 4) * 2 - 1, torch.rand(2, 1, 8, 4) * 2 - 1
+    l1, mse = (train.reconstruction_loss(a, b, kind) for kind in ("l1", "mse"))
+    assert l1 == (a - b).abs().mean() and mse == ((a - b) ** 2).mean()
+    assert train.reconstruction_loss(a, b, "l1+mse") == l1 + mse
+
+
+AUG_FLAGS = ["--aug_flip", "0.5", "--aug_rotate", "10", "--aug_scale", "0.1", "--aug_shift", "0.05", "--aug_gamma", "0.2"]
+
+
+def test_augmentation_only_in_training_and_reproducible_on_resume(tiny_data, tmp_path, monkeypatch):
+    """The --aug_* settings augment every training step, drawn from (seed, global step), and never
+    a batch that evaluation sees; a run resumed after epoch 1 ends exactly as an uninterrupted one;
+    with every setting 0 augment is not even called."""
+    import dataset
+    import train
+    from utils import run_main
+    calls, evaluating, evaluations = [], [], []
+    real_augment, real_evaluate = dataset.augment, train.evaluate
+
+    def augment_spy(x, seed, step, **settings):
+        assert not evaluating, "a batch was augmented during evaluation"
+        calls.append((seed, step, x.shape[0]))
+        return real_augment(x, seed, step, **settings)
+
+    def evaluate_spy(*args, **kwargs):  # validation and the comparison figure's slices
+        evaluating.append(True)
+        evaluations.append(True)
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            evaluating.pop()
+
+    for module in (dataset, train):
+        monkeypatch.setattr(module, "augment", augment_spy)
+    monkeypatch.setattr(train, "evaluate", evaluate_spy)
+
+    def train_run(out, *flags):
+        calls.clear()
+        run_main(train.main, train.get_parser().parse_args(
+            ["--data_dir", str(tiny_data), "--batch_size", "4", *TINY_MODEL, "--stage", "vqvae", "--device", "cpu",
+             "--seed", "3", "--out_dir", str(out), *flags]))
+        return list(calls)
+
+    # 8 training slices in batches of 4: 2 steps an epoch, each augmented, seeded by the global step.
+    assert train_run(tmp_path / "whole", "--epochs", "2", *AUG_FLAGS) == [(3, k, 4) for k in range(4)]
+    assert evaluations  # evaluation ran, and never augmented (augment_spy would have failed)
+    assert train_run(tmp_path / "part", "--epochs", "1", *AUG_FLAGS) == [(3, 0, 4), (3, 1, 4)]
+    resumed = train_run(tmp_path / "part", "--epochs", "2", "--resume", str(tmp_path / "part"))
+    assert resumed == [(3, 2, 4), (3, 3, 4)]
+    rows = {name: [r[:-1] for r in csv.reader(open(tmp_path / name / "metrics.csv"))] for name in ("whole", "part")}
+    assert rows["whole"] == rows["part"]  # on the CPU: bit-identical, the last column (seconds) aside
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["aug_rotate"] == 10
+    # Off (the default): never called, so such a run trains exactly as it did before augmentation existed.
+    assert train_run(tmp_path / "plain", "--epochs", "1", "--recon_loss", "l1+mse") == []
+    assert train.augment_settings(run_config().train) is None
