@@ -3,6 +3,7 @@
 Follows van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
 Pure tensor code: no argparse, no file I/O.
 """
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CODEBOOK_INITS = ("uniform", "kmeans")
+ARCHS = ("seed", "resnet")
 KMEANS_ITERS = 10
 
 
@@ -91,6 +93,8 @@ def kmeans(z, k, iters=KMEANS_ITERS):
 
 
 SEED_CODEBOOK = {"codebook_init": "uniform", "restart_after": 0}  # the seed's codebook, without health
+# What a checkpoint that lacks these fields was: the seed's network and lookup, and its codebook.
+SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, **SEED_CODEBOOK}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -148,6 +152,9 @@ class VQVAEConfig:
     """Model hyperparameters, each a flag of train.py of the same name; saved in checkpoints as the
     plain dict `model_args`, from which predict.py rebuilds the model. The defaults differ from the
     seed only in the codebook's health (see README, the codebook study)."""
+    arch: str = setting("seed", "seed: the seed's network (stride-2 convs, ReLU residual blocks at the code map only: "
+                        "num_hiddens, num_residual_*); resnet: GroupNorm+SiLU residual blocks at every resolution "
+                        "(channels, blocks, attention)", choices=ARCHS)
     image_size: tuple = setting((256, 128), "slices are resized to H x W; 256 256 reproduces the seed's "
                                 "stretched grid", rule="in [1, 4096]", metavar=("H", "W"))
     in_channels: int = field(default=1, metadata={"rule": ">= 1"})  # one MR channel; not a flag
@@ -156,7 +163,16 @@ class VQVAEConfig:
     num_residual_hiddens: int = setting(32, "channels inside a residual block", rule=">= 1")
     num_downsampling_layers: int = setting(3, "stride-2 convs; the code map is the image size / 2**this",
                                            rule="in [1, 12]")
-    embedding_dim: int = setting(128, "length of a code vector", rule=">= 1")
+    channels: tuple = setting((16, 32, 64, 128), "resnet: channels at each resolution, from the full size to the "
+                              "code map's (num_downsampling_layers + 1 numbers)", rule="in [1, 4096]", metavar="C")
+    blocks: tuple = setting((0, 1, 1, 2), "resnet: residual blocks at each resolution of the encoder, from the full "
+                            "size to the code map's; the decoder mirrors them", rule="in [0, 64]", metavar="N")
+    attention: bool = setting(False, "resnet: one self-attention block at the code map's resolution in the encoder "
+                              "and in the decoder")
+    embedding_dim: int = setting(128, "length of the vector the decoder receives per code", rule=">= 1")
+    lookup_dim: int = setting(0, "look codes up in this many dimensions, l2-normalised (cosine distance), with "
+                              "linear projections from and back to embedding_dim (Yu et al. 2022); 0: plain "
+                              "L2 lookup in embedding_dim, as the seed", rule="in [0, 4096]")
     num_embeddings: int = setting(512, "codebook size K", rule=">= 1")
     commitment_cost: float = setting(0.25, "beta, weighting the commitment term only", rule=">= 0")
     ema: bool = setting(False, "EMA codebook updates instead of the codebook loss")
@@ -168,11 +184,17 @@ class VQVAEConfig:
                                  "output; 0: never", rule=">= 0")
 
     def __post_init__(self):
-        if isinstance(self.image_size, list):  # as checkpoints and JSON hold it
-            self.image_size = tuple(self.image_size)
+        for name in ("image_size", "channels", "blocks"):  # lists, as checkpoints and JSON hold them
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         check_settings(self)
         if len(self.image_size) != 2:
             raise ValueError(f"image_size must be two numbers, H and W, got {self.image_size!r}")
+        levels = self.num_downsampling_layers + 1
+        for name in ("channels", "blocks"):
+            if self.arch == "resnet" and len(getattr(self, name)) != levels:
+                raise ValueError(f"{name} must be {levels} numbers, one per resolution (num_downsampling_layers "
+                                 f"is {self.num_downsampling_layers}), got {getattr(self, name)!r}")
         self.latent_shape  # the image size must divide into the code map
 
     @property
@@ -181,13 +203,13 @@ class VQVAEConfig:
         return latent_shape(self.image_size, self.num_downsampling_layers)
 
     def to_dict(self):
-        return {**asdict(self), "image_size": list(self.image_size)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, model_args):
         """Rebuild from a checkpoint's model_args; fields it lacks were written before they existed,
-        when the codebook behaved as the seed's."""
-        return cls(**{**SEED_CODEBOOK, **model_args})
+        when the network and the codebook were the seed's."""
+        return cls(**{**SEED_DEFAULTS, **model_args})
 
 
 def latent_shape(image_size, num_downsampling_layers):
@@ -221,36 +243,120 @@ class ResidualStack(nn.Module):
         return F.relu(x)
 
 
+def _norm(c):
+    """GroupNorm of c channels in up to 32 groups (as many as divide c)."""
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(SiLU(GN(conv3x3(SiLU(GN(x)))))): the pre-activation residual block of the VQGAN and
+    latent-diffusion autoencoders (Esser et al. 2021). x: (B, c, H, W) -> (B, c, H, W)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.block = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+                                   _norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class AttnBlock(nn.Module):
+    """x + one-head self-attention over the h*w positions of x (B, c, h, w) -> (B, c, h, w): at the code
+    map's resolution every code sees the whole slice (Esser et al. 2021)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # 3 x (B, h*w, c)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, h*w, c)
+        return x + self.proj(a.transpose(1, 2).reshape(B, c, h, w))
+
+
+def _down(c_in, c_out):
+    """GN, SiLU, then a stride-2 4x4 conv (the seed's downsampling): (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
+    return nn.Sequential(_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+
+
+def _up(c_in, c_out):
+    """GN, SiLU, then a stride-2 4x4 transposed conv (the seed's upsampling; 16 multiply-adds per input
+    pixel and channel pair, where nearest upsampling + 3x3 conv costs 36): (B, c_in, h, w) -> (B, c_out, 2h, 2w)."""
+    return nn.Sequential(_norm(c_in), nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+
+
+def _mid(cfg):
+    """The blocks at the code map's resolution: blocks[-1] residual blocks, attention after the first."""
+    c, n = cfg.channels[-1], cfg.blocks[-1]
+    layers = [ResBlock(c) for _ in range(n)]
+    if cfg.attention:
+        layers.insert(min(1, n), AttnBlock(c))
+    return nn.Sequential(*layers)
+
+
 class Encoder(nn.Module):
-    """x: (B, C, H, W) -> (B, num_hiddens, H / 2**L, W / 2**L) with L stride-2 4x4 convs."""
+    """x: (B, C, H, W) -> (B, out_channels, H / 2**L, W / 2**L), L = num_downsampling_layers.
+
+    arch "seed": L stride-2 4x4 convs with ReLU, a 3x3 conv and a ReLU residual stack (out_channels =
+    num_hiddens). arch "resnet": a 3x3 conv, then at each resolution blocks[i] residual blocks of
+    channels[i] followed by a stride-2 conv, the blocks (and attention) of the code map's resolution,
+    GN and SiLU (out_channels = channels[-1])."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        in_channels, num_hiddens, num_downsampling_layers = cfg.in_channels, cfg.num_hiddens, cfg.num_downsampling_layers
+        L = cfg.num_downsampling_layers
+        if cfg.arch == "resnet":
+            ch, layers = cfg.channels, [nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)]
+            for i in range(L):
+                layers += [ResBlock(ch[i]) for _ in range(cfg.blocks[i])]  # (B, ch[i], H / 2**i, W / 2**i)
+                layers.append(_down(ch[i], ch[i + 1]))
+            layers += [*_mid(cfg), _norm(ch[-1]), nn.SiLU()]
+            self.net, self.residual_stack, self.out_channels = nn.Sequential(*layers), nn.Identity(), ch[-1]
+            return
+        in_channels, num_hiddens = cfg.in_channels, cfg.num_hiddens
         layers = []
-        for i in range(num_downsampling_layers):
+        for i in range(L):
             c_in = in_channels if i == 0 else num_hiddens // 2
-            c_out = num_hiddens if i == num_downsampling_layers - 1 else num_hiddens // 2
+            c_out = num_hiddens if i == L - 1 else num_hiddens // 2
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
         layers.append(nn.Conv2d(num_hiddens, num_hiddens, 3, padding=1))
         self.net = nn.Sequential(*layers)
         self.residual_stack = ResidualStack(num_hiddens, cfg.num_residual_layers, cfg.num_residual_hiddens)
+        self.out_channels = num_hiddens
 
     def forward(self, x):
-        return self.residual_stack(self.net(x))  # (B, num_hiddens, h, w)
+        return self.residual_stack(self.net(x))  # (B, out_channels, h, w)
 
 
 class Decoder(nn.Module):
-    """z: (B, embedding_dim, h, w) -> (B, C, h * 2**L, w * 2**L), mirroring the Encoder."""
+    """z: (B, embedding_dim, h, w) -> (B, C, h * 2**L, w * 2**L), mirroring the Encoder of the same arch:
+    a 3x3 conv, the code map's blocks (`residual_stack`), then `net`: L stride-2 transposed convs (resnet:
+    each followed by blocks[i] residual blocks, then GN, SiLU and a 3x3 conv to C channels)."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        num_hiddens, num_upsampling_layers, out_channels = cfg.num_hiddens, cfg.num_downsampling_layers, cfg.in_channels
+        L, out_channels = cfg.num_downsampling_layers, cfg.in_channels
+        if cfg.arch == "resnet":
+            ch = cfg.channels
+            self.conv = nn.Conv2d(cfg.embedding_dim, ch[-1], 3, padding=1)
+            self.residual_stack = _mid(cfg)
+            layers = []
+            for i in reversed(range(L)):
+                layers.append(_up(ch[i + 1], ch[i]))  # (B, ch[i], H / 2**i, W / 2**i)
+                layers += [ResBlock(ch[i]) for _ in range(cfg.blocks[i])]
+            layers += [_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], out_channels, 3, padding=1)]
+            self.net = nn.Sequential(*layers)
+            return
+        num_hiddens = cfg.num_hiddens
         self.conv = nn.Conv2d(cfg.embedding_dim, num_hiddens, 3, padding=1)
         self.residual_stack = ResidualStack(num_hiddens, cfg.num_residual_layers, cfg.num_residual_hiddens)
         layers = []
-        for i in range(num_upsampling_layers):
-            last = i == num_upsampling_layers - 1
+        for i in range(L):
+            last = i == L - 1
             c_in = num_hiddens if i == 0 else num_hiddens // 2
             c_out = out_channels if last else num_hiddens // 2
             layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
@@ -259,7 +365,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        x = self.net[:-1](self.residual_stack(self.conv(z)))  # (B, num_hiddens // 2, H / 2, W / 2)
+        x = self.net[:-1](self.residual_stack(self.conv(z)))  # (B, c, H, W) or (B, c, H / 2, W / 2) (seed)
         # The last layer in fp32 even under bf16 autocast, so the reconstruction that the loss, SSIM
         # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
         with torch.autocast(z.device.type, enabled=False):
@@ -296,7 +402,15 @@ class VectorQuantizer(nn.Module):
         self.epsilon = cfg.epsilon
         self.codebook_init = codebook_init
         self.restart_after = restart_after = cfg.restart_after
-        self.codebook = nn.Embedding(num_embeddings, embedding_dim)
+        # With lookup_dim the codes live in a small l2-normalised space (Yu et al. 2022, "Vector-quantized
+        # image modeling with improved VQGAN"): the nearest code by cosine distance, which keeps nearly
+        # every code in use; proj_in and proj_out map the encoder's embedding_dim to it and back.
+        self.lookup_dim = cfg.lookup_dim
+        code_dim = cfg.lookup_dim or embedding_dim
+        if cfg.lookup_dim:
+            self.proj_in = nn.Linear(embedding_dim, code_dim)
+            self.proj_out = nn.Linear(code_dim, embedding_dim)
+        self.codebook = nn.Embedding(num_embeddings, code_dim)
         self.codebook.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         if ema:
             self.codebook.weight.requires_grad_(False)
@@ -312,22 +426,39 @@ class VectorQuantizer(nn.Module):
         if restart_after > 0:
             self.register_buffer("code_age", torch.zeros(num_embeddings, dtype=torch.long))  # steps unused
 
+    def lookup_space(self, z_flat):
+        """Encoder outputs z_flat (N, D) -> the vectors codes are looked up for: (N, lookup_dim) unit
+        vectors with lookup_dim, else z_flat itself."""
+        return F.normalize(self.proj_in(z_flat), dim=1) if self.lookup_dim else z_flat
+
+    def codes(self):
+        """The codebook (K, lookup_dim or D) as the lookup sees it: l2-normalised with lookup_dim."""
+        return F.normalize(self.codebook.weight, dim=1) if self.lookup_dim else self.codebook.weight
+
     def nearest(self, z_flat):
-        """z_flat: (N, D) -> indices (N,) of the nearest code by squared L2 distance."""
-        return _nearest(z_flat, self.codebook.weight)
+        """z_flat: (N, D) encoder outputs -> indices (N,) of the nearest code (squared L2 distance, which
+        between unit vectors is cosine distance)."""
+        return _nearest(self.lookup_space(z_flat), self.codes())
+
+    def _decoder_input(self, z, shape, memory_format):
+        """Looked-up vectors z (N, lookup_dim or D) -> (B, D, h, w) for the decoder in `memory_format`
+        (the lookup's own layout, (B, h, w, D) permuted, is channels_last: then no copy is made)."""
+        if self.lookup_dim:
+            z = self.proj_out(z)  # (N, D)
+        B, h, w = shape
+        return z.view(B, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
     def embed(self, indices, memory_format=torch.contiguous_format):
-        """indices: (B, h, w) long -> z_q: (B, D, h, w) in `memory_format` (the lookup's own layout,
-        (B, h, w, D) permuted, is channels_last: then no copy is made)."""
-        return self.codebook(indices).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+        """indices: (B, h, w) long -> the decoder's input z_q: (B, D, h, w) in `memory_format`."""
+        return self._decoder_input(self.codes()[indices.flatten()], indices.shape, memory_format)
 
     @torch.compiler.disable  # once, eagerly: never part of a compiled training step
     @torch.no_grad()
     def init_codebook(self, z_e):
         """The codebook <- k-means centres of the encoder outputs z_e (B, D, h, w) of the first
         training batch (of every rank's batch under torch.distributed)."""
-        z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        centres = kmeans(_gather_rows(z_flat.float()), self.num_embeddings)  # (K, D)
+        z = self.lookup_space(z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]))  # (N, lookup_dim or D)
+        centres = kmeans(_gather_rows(z.float()), self.num_embeddings)  # (K, lookup_dim or D)
         if _distributed():  # every rank computed them from the same rows; rank 0's copy rules
             dist.broadcast(centres, src=0)
         self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool, device=z_e.device), centres)
@@ -336,34 +467,37 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z_e):
         """z_e: (B, D, h, w) -> dict with z_q (B, D, h, w, straight-through), indices (B, h, w),
-        codebook_loss, commitment_loss and vq_loss (scalars)."""
+        codebook_loss, commitment_loss and vq_loss (scalars). The loss terms are distances in the
+        lookup space (between unit vectors with lookup_dim)."""
         B, D, h, w = z_e.shape
-        z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         if self.training and self._needs_init:
             self.init_codebook(z_e)
-        indices = self.nearest(z_flat)  # (B*h*w,)
-        layout = torch.channels_last if _is_channels_last(z_e) else torch.contiguous_format
-        z_q = self.embed(indices.view(B, h, w), layout).to(z_e.dtype)  # (B, D, h, w), codes before the update
+        z = self.lookup_space(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, lookup_dim or D)
+        codes = self.codes()
+        indices = _nearest(z, codes)  # (B*h*w,)
+        z_q = codes[indices].to(z.dtype)  # (B*h*w, lookup_dim or D), codes before the update
         if self.training and (self.ema or self.restart_after > 0):
-            self._update_codebook(z_flat.detach().float(), indices)
+            self._update_codebook(z.detach().float(), indices)
 
         # Paper eq. 3: L = log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2.
         # Codebook term moves the codes towards the encoder outputs; the EMA update replaces it.
         if self.ema:
             codebook_loss = z_e.new_zeros(())
         else:
-            codebook_loss = F.mse_loss(z_q, z_e.detach())
+            codebook_loss = F.mse_loss(z_q, z.detach())
         # Commitment term keeps the encoder outputs close to their codes; beta weights it alone.
-        commitment_loss = F.mse_loss(z_e, z_q.detach())
+        commitment_loss = F.mse_loss(z, z_q.detach())
         vq_loss = codebook_loss + self.commitment_cost * commitment_loss
-        # Straight-through estimator: forward uses z_q, backward copies the gradient to z_e.
-        z_q = z_e + (z_q - z_e).detach()
-        return {"z_q": z_q, "indices": indices.view(B, h, w), "codebook_loss": codebook_loss,
-                "commitment_loss": commitment_loss, "vq_loss": vq_loss}
+        # Straight-through estimator: forward uses z_q, backward copies the gradient to z (and z_e).
+        z_q = z + (z_q - z).detach()
+        layout = torch.channels_last if _is_channels_last(z_e) else torch.contiguous_format
+        return {"z_q": self._decoder_input(z_q, (B, h, w), layout), "indices": indices.view(B, h, w),
+                "codebook_loss": codebook_loss, "commitment_loss": commitment_loss, "vq_loss": vq_loss}
 
     @torch.no_grad()
     def _update_codebook(self, z_flat, indices):
-        """One training step's codebook bookkeeping: the EMA update, then dead-code restart."""
+        """One training step's codebook bookkeeping, in the lookup space (z_flat: (N, lookup_dim or D)):
+        the EMA update, then dead-code restart."""
         counts = code_counts(indices, self.num_embeddings).float()  # (K,)
         if _distributed():
             _all_reduce(counts)  # code use over the global batch
@@ -410,7 +544,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.pre_vq_conv = nn.Conv2d(cfg.num_hiddens, cfg.embedding_dim, 1)
+        self.pre_vq_conv = nn.Conv2d(self.encoder.out_channels, cfg.embedding_dim, 1)
         self.vq = VectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
 

@@ -1,11 +1,19 @@
-"""The codebook study of the README: train and test each configuration on one data set, print the table.
+"""The studies of the README: train and test each configuration on one data set, print the table.
 
-Usage: python study.py --data phantom|standin [--volume PATH] [--epochs N] [--out_dir runs/study_DATA]
+Usage: python study.py --data phantom|standin|crops [--configs NAME ...] [--epochs N | --minutes M]
+                       [--out_dir runs/study_DATA]
 
 Every configuration trains with train.py's main at the same compression (8x downsampling, 512 codes)
-and the same budget (--epochs), then predict.py's main scores the test split with the project's SSIM.
---data standin first cuts the real stand-in (see cut_standin) from one HipMRI volume into
-OUT_DIR/data. Writes OUT_DIR/study.csv, study_val_ssim.png and study_codebook_usage.png and prints a Markdown table with the command of each row.
+and the same budget: --epochs, or --minutes of this machine's time (each configuration's seconds per
+step are measured first, alone, and its epochs set so that steps x seconds per step fills the budget,
+so a bigger net gets fewer steps), then predict.py's main scores the test split with the project's SSIM.
+--data standin first cuts the real stand-in (see cut_standin) from one HipMRI volume into OUT_DIR/data;
+--data crops cuts the 27 real prostate crops into 64x64 slices, split by patient (see cut_crops).
+Besides SSIM, PSNR and codebook use, each row has the net's parameters, GFLOP per image (forward), seconds
+per training step, and the KID of the test reconstructions against the test split beside the
+real-vs-real floor (as many training slices as test slices against the test split).
+Writes OUT_DIR/study.csv, study_val_ssim.png and study_codebook_usage.png and prints a Markdown table
+with the command of each row.
 """
 import argparse
 import csv
@@ -15,29 +23,52 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import predict
 import train
+from dataset import load_split, num_batches, resolve_data_dir
 from figures import save_curves
-from utils import ProjectError, run_main, write_csv, write_nifti_gz
+from metrics import evaluate, inception_features, kid
+from modules import VQVAE
+from utils import ProjectError, load_checkpoint, load_vqvae, run_main, write_csv, write_nifti_gz
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
-SEED = ["--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
-HEALTHY = ["--ema", "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
+AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
+PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", *AUG_OFF]  # the seed's net, loss, data
+SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
+HEALTHY = ["--ema", *PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
            "--lr_schedule", "constant"]
-CONFIGS = {  # name: (label in the table, flags)
+# The quality ladder: the codebook study's defaults (DEFAULTS_V1), then one change at a time.
+DEFAULTS_V1 = [*PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
+               "--lr_schedule", "constant"]
+LOOKUP = [*DEFAULTS_V1, "--lookup_dim", "8"]
+LOOKUP_L1 = [*LOOKUP, "--recon_loss", "l1+mse"]
+RESNET = [*LOOKUP_L1, "--arch", "resnet", "--channels", "16", "32", "64", "128", "--blocks", "0", "1", "1", "2"]
+RESNET_COSINE = [*RESNET, "--lr_schedule", "cosine", "--warmup_steps", "20"]
+AUG = ["--aug_flip", "0.5", "--aug_rotate", "5", "--aug_scale", "0.05", "--aug_shift", "0.03", "--aug_gamma", "0.1"]
+CONFIGS = {  # name: (label in the table, flags); later flags win, so each row adds to the one before
     "seed": ("seed: gradient codebook with +-1/K init", SEED),
     "ema": ("EMA", ["--ema", *SEED]),
     "grad_init_restart": ("gradient + k-means init + restart", HEALTHY[1:]),
     "ema_init_restart": ("EMA + k-means init + restart", HEALTHY),
-    "ema_init_restart_ssim": ("EMA + init + restart + SSIM loss 0.2", [*HEALTHY[:-3], "0.2", "--lr_schedule", "constant"]),
-    "ema_init_restart_cosine": ("EMA + init + restart + cosine LR", [*HEALTHY[:-1], "cosine"]),
+    "ema_init_restart_ssim": ("EMA + init + restart + SSIM loss 0.2", [*HEALTHY, "--ssim_weight", "0.2"]),
+    "ema_init_restart_cosine": ("EMA + init + restart + cosine LR", [*HEALTHY, "--lr_schedule", "cosine"]),
+    "defaults_v1": ("seed net, k-means init + restart (the defaults before this study)", DEFAULTS_V1),
+    "lookup": ("+ 8-dim l2-normalised lookup", LOOKUP),
+    "lookup_l1": ("+ L1 + MSE loss", LOOKUP_L1),
+    "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
+    "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
+    "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
+    "resnet_cosine_aug": ("+ resnet + cosine + augmentation", [*RESNET_COSINE, *AUG]),
 }
 # The real stand-in: slabs of one volume along axis 1 (coronal 256x128 slices), 5 slices apart so
 # that no split sees a neighbour of another's slice (adjacent slices are nearly identical).
 STANDIN_SLABS = {"validate": range(86, 96), "train": range(101, 171), "test": range(176, 186)}
 COLUMNS = ["config", "test_ssim_mean", "test_ssim_std", "test_psnr", "codebook_usage", "perplexity",
-           "train_seconds", "best_epoch", "val_codebook_usage", "command"]
+           "train_seconds", "best_epoch", "val_codebook_usage", "params", "gflop_per_image", "seconds_per_step",
+           "epochs", "kid_recon", "kid_recon_sd", "kid_real_vs_real", "kid_real_vs_real_sd", "command"]
 
 
 def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
@@ -62,6 +93,74 @@ def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
     return out_dir
 
 
+# The real multi-patient set: 27 prostate T2 crops (64x64x60), whole patients per split (seeded shuffle).
+CROPS_SPLIT = {"train": 19, "validate": 4, "test": 4}
+
+
+def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
+    """The crops folder (one (64, 64, 60) .nii.gz per patient) -> out_dir/keras_slices_{split}/, every
+    axial slice [:, :, k] of each patient as one 2D .nii.gz named as the release names its slices
+    (case_NNN_week_0_slice_K), whole patients per split. Returns out_dir."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    files = sorted(folder.glob("*.nii*")) if folder.is_dir() else []
+    if len(files) < sum(split.values()):
+        raise ProjectError(f"{folder} holds {len(files)} volumes, fewer than the {sum(split.values())} patients "
+                           f"of the split; pass --crops with the prostate_crops folder")
+    order = np.random.default_rng(seed).permutation(len(files))
+    start = 0
+    for name, n in split.items():
+        dest = out_dir / f"keras_slices_{name}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for case in order[start:start + n]:
+            img = nib.load(files[case])
+            dx, dy = (float(z) for z in img.header.get_zooms()[:2])
+            for k in range(img.shape[2]):
+                write_nifti_gz(dest / f"case_{case:03d}_week_0_slice_{k}.nii.gz",
+                               nib.Nifti1Image(np.asarray(img.dataobj[:, :, k]), np.diag([dx, dy, 1.0, 1.0])))
+        start += n
+    return out_dir
+
+
+def run_config(flags):
+    """Flags -> the RunConfig train.py would run."""
+    return train.RunConfig.from_flags(vars(train.get_parser().parse_args(flags)))
+
+
+def measure_cost(run, steps=3):
+    """Parameters, forward GFLOP per image, and seconds per training step (the median of `steps` after
+    one warm-up, on this machine's CPU, of a synthetic batch of the run's batch size and image size,
+    through train_epoch: the loss, augmentation and optimizer included)."""
+    cfg, args = run.model, run.train
+    torch.manual_seed(0)
+    model = VQVAE(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 1, *cfg.image_size))
+    model.train()
+    optimizer = train.build_optimizer(model, args.lr, torch.device("cpu"))
+    images = torch.rand(args.batch_size, 1, *cfg.image_size).half()
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        train.train_epoch(model, optimizer, images, [torch.arange(args.batch_size)], torch.device("cpu"), args, 0,
+                          1000, show=False)
+        times.append(time.perf_counter() - t0)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9, float(np.median(times[1:]))
+
+
+def recon_kid(run_dir, data_dir, seed=0):
+    """KID of the test reconstructions of run_dir/best.pt against the test split, and the real-vs-real
+    floor: as many random training slices against the test split -> ((mean, sd), (mean, sd))."""
+    ckpt = load_checkpoint(Path(run_dir) / "best.pt")
+    device = torch.device("cpu")
+    model = load_vqvae(ckpt, Path(run_dir) / "best.pt", device)
+    test = load_split(data_dir, "test", model.cfg.image_size).images.float()
+    train_images = load_split(data_dir, "train", model.cfg.image_size).images.float()
+    recons = evaluate(model, test, device, 32, keep=True)["recons"]
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:len(test)]
+    f_test, f_recon, f_train = (inception_features(x, device) for x in (test, recons, train_images[pick]))
+    return kid(f_recon, f_test), kid(f_train, f_test)
+
+
 def read_metrics(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -82,42 +181,62 @@ def plot_study(out_dir, names, data):
 
 def main(args):
     out_dir = Path(args.out_dir or f"runs/study_{args.data}")
-    data = ["--data_dir", str(cut_standin(args.volume, out_dir / "data"))] if args.data == "standin" else []
+    if args.data == "standin":
+        data = ["--data_dir", str(cut_standin(args.volume, out_dir / "data"))]
+    elif args.data == "crops":
+        data = ["--data_dir", str(cut_crops(args.crops, out_dir / "data")), "--image_size", "64", "64"]
+    else:
+        data = []
+    data_dir = resolve_data_dir(data[1] if data else None)
+    n_train = len(load_split(data_dir, "train", (64, 64) if args.data == "crops" else (256, 128)).files)
     names = args.configs or list(CONFIGS)
+    costs = {name: measure_cost(run_config([*data, *CONFIGS[name][1]])) for name in names}  # alone, first
     rows = []
     for name in names:
         label, config_flags = CONFIGS[name]
-        flags = [*data, "--epochs", str(args.epochs), *config_flags]
+        params, gflop, step_seconds = costs[name]
+        epochs = args.epochs
+        if args.minutes:
+            batch = run_config([*data, *config_flags]).train.batch_size
+            epochs = max(1, round(args.minutes * 60 / (step_seconds * num_batches(n_train, batch))))
+        flags = [*data, "--epochs", str(epochs), *config_flags]
         run_dir = out_dir / name
         t0 = time.time()
-        train.main(train.get_parser().parse_args([*flags, "--out_dir", str(run_dir)]))
+        train.main(train.get_parser().parse_args([*flags, "--stage", "vqvae", "--out_dir", str(run_dir)]))
         seconds = time.time() - t0
-        predict.main(predict.get_parser().parse_args(["--checkpoint", str(run_dir / "best.pt")]))
+        predict.main(predict.get_parser().parse_args(["--checkpoint", str(run_dir / "best.pt"), "--num_samples", "0"]))
         m = json.loads((run_dir / "predict" / "metrics.json").read_text())
         last = read_metrics(run_dir)[-1]
+        (kid_recon, kid_sd), (kid_floor, floor_sd) = recon_kid(run_dir, data_dir)
         rows.append([label, m["ssim_mean"], m["ssim_std"], m["psnr_mean"], m["codebook_usage"],
-                     m["perplexity"], seconds, m["epoch"], float(last["codebook_usage"]),
+                     m["perplexity"], seconds, m["epoch"], float(last["codebook_usage"]), params, gflop,
+                     step_seconds, epochs, kid_recon, kid_sd, kid_floor, floor_sd,
                      "python train.py " + " ".join(flags)])
         write_csv(out_dir / "study.csv", COLUMNS, rows)  # after each row, so a long study keeps its rows
     plot_study(out_dir, names, args.data)
-    print("\n| configuration | test SSIM | PSNR (dB) | codes used: test / validation | perplexity (test) "
-          "| train time | best epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| configuration | params | GFLOP / image | s / step | epochs | test SSIM | PSNR (dB) | codes used: "
+          "test / validation | perplexity | KID recon (floor) | train time | best epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | "
+        print(f"| {r[0]} | {r[9] / 1e6:.2f}M | {r[10]:.2f} | {r[11]:.2f} | {r[12]} | {r[1]:.4f} +- {r[2]:.4f} | "
+              f"{r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | {r[13]:.4f} ({r[15]:.4f}) | "
               f"{r[6] / 60:.1f} min | {r[7]} |")
     for r in rows:
-        print(f"- {r[0]}: `{r[9]}`")
+        print(f"- {r[0]}: `{r[-1]}`")
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Run the codebook study on one data set.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=["phantom", "standin"], default="phantom",
-                   help="the built-in phantom, or the real stand-in cut from --volume")
+    p.add_argument("--data", choices=["phantom", "standin", "crops"], default="phantom",
+                   help="the built-in phantom, the real stand-in cut from --volume, or the real crops of --crops")
     p.add_argument("--volume", default="../shared/data/hipmri_3d/Case_018_Week7_LFOV.nii.gz",
                    help="HipMRI 3D volume to cut the stand-in from (with --data standin)")
+    p.add_argument("--crops", default="../shared/data/prostate_crops",
+                   help="folder of the 27 prostate crops (with --data crops)")
     p.add_argument("--epochs", type=int, default=20, help="training budget of every configuration")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="instead of --epochs: each configuration's budget in minutes of this machine's time")
     p.add_argument("--configs", nargs="*", default=None, choices=list(CONFIGS), metavar="NAME",
                    help=f"configurations to run; None: all of {list(CONFIGS)}")
     p.add_argument("--out_dir", default=None, help="None: runs/study_DATA")
