@@ -91,6 +91,24 @@ def save_curves(path, series, xlabel, ylabel, title):
     save_figure(fig, path)
 
 
+def save_blur_curves(path, curves, sigmas, title):
+    """Blur-SSIM curves, {label: mean SSIM per sigma} (metrics.blur_ssim_curve), against the blur sigma."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, ys in curves.items():
+        values = " / ".join(f"{y:.3f}" for y in ys)  # in the legend: close curves would overlap labels
+        ax.plot(sigmas, ys, label=f"{label}: {values}", marker="o", markersize=4)
+    ax.set_xticks(sigmas)
+    ax.set_xlabel("Gaussian blur sigma (pixels)")
+    ax.set_ylabel("mean SSIM(slice, blurred slice)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")  # empty: the curves fall from the top left
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_code_histogram(path, counts, title):
     """Bar chart of how often each code was chosen, codes sorted from most to least used.
 

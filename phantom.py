@@ -3,11 +3,16 @@ fresh clone with no data of its own.
 
 Each phantom "patient" is an analytic 3D pelvis (body and subcutaneous fat, thighs, iliac bones,
 femoral heads and necks, bladder, prostate, rectum, sacrum) cut into coronal slices at several
-anterior-posterior positions, with a smooth bias field and Rician noise. Slices are written one per
+anterior-posterior positions, with a fine tissue grain, a smooth bias field and Rician noise inside the
+body; the air outside the body is exactly zero, as in the HipMRI volumes (background-masked by the
+scanner or the publisher). Grain and noise levels are tuned so that the blur-SSIM curve (SSIM of each
+[0, 1]-scaled slice against itself blurred at sigma 0.5, 1, 2 px) matches a real HipMRI volume's within
+0.02, so phantom SSIMs measure anatomy rather than noise. Slices are written one per
 `.nii.gz` file in the HipMRI 2D release's layout (`keras_slices_train|validate|test`, files named
 `case_004_week_0_slice_17.nii.gz`), so the real loader reads them. Patients never cross splits.
 
 Usage: python phantom.py [--out_dir data/hipmri_phantom] [--preview grid.png]
+       python phantom.py --compare_real VOLUME.nii.gz [--curve blur_ssim.png]
 (train.py and predict.py call generate() themselves; running this file is optional)
 """
 import argparse
@@ -27,7 +32,9 @@ PATIENTS = {"keras_slices_train": 16, "keras_slices_validate": 3, "keras_slices_
 SLICES_PER_PATIENT = 20
 WIDE_CASES = {5, 20}  # cases stored 256x144 (a wider superior-inferior field), as a few real ones are
 PIXDIM = (1.68, 1.56)  # mm, as in the HipMRI volumes
-VERSION = 1  # bump when the phantom's appearance changes, so stale copies are regenerated
+BLUR_SIGMAS = (0.5, 1, 2)  # px: the blur-SSIM curve's blurs
+REAL_SLICES = range(86, 186)  # coronal slices of a real volume: the span of study.py's stand-in slabs
+VERSION = 2  # bump when the phantom's appearance changes, so stale copies are regenerated
 
 
 def _ellipse(u, v, cu, cv, ru, rv):
@@ -62,7 +69,7 @@ def _patient(rng):
         bladder=(rng.uniform(0.10, 0.22), rng.uniform(0.08, 0.17), rng.uniform(-0.5, -0.2)),
         prostate=(rng.uniform(0.07, 0.11), rng.uniform(0.05, 0.08), rng.uniform(0.0, 0.2)),
         rectum_gas=rng.uniform() < 0.5, muscle=rng.uniform(0.28, 0.38), fat_level=rng.uniform(0.8, 0.95),
-        noise=rng.uniform(0.015, 0.035), bias=rng.normal(0, 0.25, size=4), scale=rng.uniform(250, 400),
+        noise=rng.uniform(0.012, 0.028), bias=rng.normal(0, 0.25, size=4), scale=rng.uniform(250, 400),
         tilt=rng.normal(0, 0.04),
     )
 
@@ -86,12 +93,14 @@ def render_slice(p, t, shape, rng):
     body = (rho < 1) & ~crotch
     fat = body & ((rho > 1 - p["fat"] / np.maximum(w, 1e-3)) |
                   (_ellipse(u, v, p["body_u"], p["thigh_split"] - 0.3, 0.08 + 0.1 * abs(t), 0.36) < 1))
-    texture = 1 + 0.15 * _smooth_noise(rng, shape, 2)
+    # Tissue grain of a few pixels (0.2 at sigma 1.3 px), in muscle, fat and marrow alike: with the noise
+    # level it sets how much a slight blur costs in SSIM, tuned to a real volume (see compare_real).
+    texture = 1 + 0.2 * _smooth_noise(rng, shape, 1.3)
     img[body] = p["muscle"] * texture[body]
     # Intermuscular fat planes: the zero crossings of a smooth random field give thin curved lines.
     planes = np.abs(_smooth_noise(rng, shape, 14)) < 0.05
     img[body & planes] = p["fat_level"] * 0.8
-    img[fat] = p["fat_level"]
+    img[fat] = p["fat_level"] * texture[fat]
     # Pelvic fat around the organs, walled in by the obturator muscles.
     if abs(t) < 0.75:
         k = _section(t, 0.1, 0.8)
@@ -145,6 +154,9 @@ def render_slice(p, t, shape, rng):
     # Rician noise: magnitude of the complex signal plus Gaussian noise in both channels.
     s = p["noise"]
     img = np.hypot(img + rng.normal(0, s, shape), rng.normal(0, s, shape))
+    # Air is exactly zero, noise included, as in the background-masked HipMRI volumes: Rician noise in
+    # the air (a fifth or more of each slice) made any blur cost SSIM for the noise, not the anatomy.
+    img[~body] = 0
     return img * p["scale"]
 
 
@@ -173,6 +185,17 @@ def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_P
     return out_dir
 
 
+def _case_slices(seed, case, slices_per_patient):
+    """One phantom patient's slices as stored: (file name, int16 array) pairs, anterior to posterior."""
+    rng = np.random.default_rng([seed, case])
+    p = _patient(rng)
+    week = int(rng.integers(0, 8))
+    shape = (256, 144) if case in WIDE_CASES else (256, 128)
+    depths = np.linspace(-0.8, 0.8, slices_per_patient) + rng.normal(0, 0.02, slices_per_patient)
+    return [(f"case_{case:03d}_week_{week}_slice_{i}.nii.gz",
+             np.round(render_slice(p, t, shape, rng)).astype(np.int16)) for i, t in enumerate(depths)]
+
+
 def _write(out_dir, marker, seed, patients, slices_per_patient):
     """The set into a temporary sibling folder, renamed to out_dir when complete."""
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
@@ -182,15 +205,8 @@ def _write(out_dir, marker, seed, patients, slices_per_patient):
         (tmp / split).mkdir(parents=True)
         for _ in range(patients[split]):
             case += 1
-            rng = np.random.default_rng([seed, case])
-            p = _patient(rng)
-            week = int(rng.integers(0, 8))
-            shape = (256, 144) if case in WIDE_CASES else (256, 128)
-            depths = np.linspace(-0.8, 0.8, slices_per_patient) + rng.normal(0, 0.02, slices_per_patient)
-            for i, t in enumerate(depths):
-                img = render_slice(p, t, shape, rng)
-                nii = nib.Nifti1Image(np.round(img).astype(np.int16), _affine())
-                nib.save(nii, tmp / split / f"case_{case:03d}_week_{week}_slice_{i}.nii.gz")
+            for name, img in _case_slices(seed, case, slices_per_patient):
+                nib.save(nib.Nifti1Image(img, _affine()), tmp / split / name)
     (tmp / marker.name).touch()
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -198,7 +214,7 @@ def _write(out_dir, marker, seed, patients, slices_per_patient):
 
 def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):
     """A grid of slices: one row per phantom patient, anterior to posterior."""
-    from utils import pyplot, save_figure
+    from figures import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(len(cases), positions, figsize=(1.3 * positions, 2.5 * len(cases)))
     for r, case in enumerate(cases):
@@ -213,14 +229,85 @@ def save_preview(data_dir, path, cases=(1, 5, 9), positions=8):
     save_figure(fig, path, dpi=90)
 
 
+def mixed_blur_ssim_curve(slices, sigmas=BLUR_SIGMAS):
+    """metrics.blur_ssim_curve over 2D slices of several shapes (the phantom's 256x128 and 256x144):
+    each slice min-max scaled to [0, 1] as the loader does, each shape's curve weighted by its count."""
+    import torch  # imported here: dataset imports this module, and generating the phantom needs no torch
+    from dataset import scale_unit
+    from metrics import blur_ssim_curve
+    by_shape = {}
+    for a in slices:
+        by_shape.setdefault(a.shape, []).append(scale_unit(a))
+    total = np.zeros(len(sigmas))
+    for group in by_shape.values():
+        total += len(group) * np.array(blur_ssim_curve(torch.from_numpy(np.stack(group))[:, None], sigmas))
+    return list(total / len(slices))
+
+
+def phantom_slices(seed=0, slices_per_patient=SLICES_PER_PATIENT, cases=None):
+    """The phantom's slices as generate() stores them (int16 arrays), rendered in memory; cases: the
+    1-based case numbers (default: all of PATIENTS)."""
+    cases = cases or range(1, sum(PATIENTS.values()) + 1)
+    return [img for case in cases for _, img in _case_slices(seed, case, slices_per_patient)]
+
+
+def real_slices(volume, ks=REAL_SLICES):
+    """Coronal slices vol[:, k, :] of a HipMRI 3D volume, as study.py cuts its stand-in."""
+    from utils import ProjectError
+    volume = Path(volume)
+    if not volume.is_file():
+        raise ProjectError(f"--compare_real {volume} is not a file; pass a HipMRI 3D volume "
+                           f"(e.g. ../shared/data/hipmri_3d/Case_018_Week7_LFOV.nii.gz)")
+    try:
+        # Read whole, once: each slice taken from a .nii.gz proxy would decompress the file again.
+        data = np.asarray(nib.load(volume).dataobj)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as e:
+        raise ProjectError(f"--compare_real {volume}: cannot read it as NIfTI "
+                           f"({' '.join(str(e).split())[:150]})") from None
+    if data.ndim != 3 or data.shape[1] <= max(ks):
+        raise ProjectError(f"--compare_real {volume} has shape {data.shape}; it needs a 3D volume with more "
+                           f"than {max(ks)} slices along axis 1")
+    return [data[:, k, :] for k in ks]
+
+
+def compare_real(volume, curve_path=None, seed=0):
+    """Print the blur-SSIM curves of the real volume's coronal slices and of the whole phantom as a
+    Markdown table, optionally save them as a figure; returns (real, phantom) lists per BLUR_SIGMAS."""
+    real = mixed_blur_ssim_curve(real_slices(volume))
+    synthetic = mixed_blur_ssim_curve(phantom_slices(seed))
+    print(f"blur-SSIM: mean SSIM(x, gaussian_filter(x, sigma)), mode reflect, slices min-max scaled to [0, 1]; "
+          f"real: {Path(volume).name} coronal slices {REAL_SLICES.start}-{REAL_SLICES.stop - 1}, "
+          f"phantom: all {sum(PATIENTS.values()) * SLICES_PER_PATIENT} slices (seed {seed})\n")
+    print("| sigma (px) | real | phantom | phantom - real |\n| --- | --- | --- | --- |")
+    for s, r, p in zip(BLUR_SIGMAS, real, synthetic):
+        print(f"| {s:g} | {r:.4f} | {p:.4f} | {p - r:+.4f} |")
+    if curve_path:
+        from figures import save_blur_curves
+        save_blur_curves(curve_path, {"real": real, "phantom": synthetic}, BLUR_SIGMAS,
+                         f"SSIM of each slice against itself blurred: {Path(volume).name.split('.')[0]} vs phantom")
+        print(f"\nfigure: {curve_path}")
+    return real, synthetic
+
+
+def main(args):
+    if args.compare_real:
+        compare_real(args.compare_real, args.curve, args.seed)
+        return
+    out = generate(args.out_dir, args.seed)
+    print(f"phantom in {out}")
+    if args.preview:
+        save_preview(out, args.preview)
+
+
 if __name__ == "__main__":
+    from utils import run_main
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", default="data/hipmri_phantom")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", default=None, help="also save a PNG grid of slices here")
-    args = parser.parse_args()
-    out = generate(args.out_dir, args.seed)
-    print(f"phantom in {out}")
-    if args.preview:
-        save_preview(out, args.preview)
+    parser.add_argument("--compare_real", default=None, metavar="VOLUME",
+                        help="instead of generating: print the blur-SSIM curves of this real HipMRI 3D volume's "
+                             "coronal slices and of the phantom")
+    parser.add_argument("--curve", default=None, help="with --compare_real: also save the curves as a PNG here")
+    run_main(main, parser.parse_args())

@@ -240,6 +240,20 @@ def test_phantom_is_deterministic_and_in_release_layout(tmp_path):
     assert not np.array_equal(load_slice(train[0]), load_slice(a / files[0]))
 
 
+def test_phantom_air_is_exactly_zero_and_noise_lives_in_the_body(tmp_path):
+    """As in the background-masked HipMRI volumes: no Rician noise in the air outside the body."""
+    patients = {"keras_slices_train": 1, "keras_slices_validate": 1, "keras_slices_test": 1}
+    out = phantom.generate(tmp_path / "p", patients=patients, slices_per_patient=4)
+    for f in sorted(out.rglob("*.nii.gz")):
+        a = np.asarray(nib.load(f).dataobj)
+        # The widest body reaches 0.8 * 128 px either side of the centre row, so the first and last 10 rows
+        # of the 256 are always air.
+        assert not a[:10].any() and not a[-10:].any(), f.name
+        assert 0.2 < (a == 0).mean() < 0.6, f.name  # real coronal slices: 21-35% zeros
+        body = a[100:156, 40:-20]  # central block, above the gap between the thighs
+        assert (body > 0).all() and np.unique(body).size > 100, f.name  # inside: tissue with grain and noise
+
+
 def _generate(out):
     return phantom.generate(out, patients={"keras_slices_train": 2, "keras_slices_validate": 1,
                                            "keras_slices_test": 1}, slices_per_patient=6)
@@ -255,6 +269,23 @@ def test_phantom_is_generated_once_by_processes_started_together(tmp_path):
     assert folders == [out] * 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [".phantom.lock", "phantom"]  # no temporary folders left
     assert len(list((out / "keras_slices_train").iterdir())) == 12
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")
+def test_phantom_blur_ssim_curve_matches_the_real_volume():
+    """The phantom's SSIMs respond to blur as real MR's do: its blur-SSIM curve (sigma 0.5, 1, 2 px) is
+    within 0.02 of the real volume's coronal slices' (a subset of both, for speed: the validate and test
+    patients, every other real slice; `python phantom.py --compare_real` measures them all)."""
+    real = phantom.mixed_blur_ssim_curve(phantom.real_slices(REAL, range(86, 186, 2)))
+    first, last = phantom.PATIENTS["keras_slices_train"] + 1, sum(phantom.PATIENTS.values())
+    synthetic = phantom.mixed_blur_ssim_curve(phantom.phantom_slices(cases=range(first, last + 1)))
+    assert np.allclose(synthetic, real, atol=0.02), (real, synthetic)
+
+
+def test_compare_real_refuses_a_missing_volume_in_one_line(tmp_path):
+    with pytest.raises(ProjectError, match="is not a file") as e:
+        phantom.real_slices(tmp_path / "missing.nii.gz")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="real HipMRI volume not present in ../shared/data")

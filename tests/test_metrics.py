@@ -8,7 +8,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
 import phantom
-from metrics import codebook_stats, psnr, ssim
+from metrics import blur_ssim_curve, codebook_stats, psnr, ssim
 
 
 def skimage_ssim(a, b):
@@ -45,6 +45,24 @@ def test_ssim_identity_and_order():
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
     mild, strong = (x + 0.05 * torch.randn_like(x)).clamp(0, 1), (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
     assert (ssim(mild, x) > ssim(strong, x)).all()
+
+
+def test_blur_ssim_curve_falls_with_blur_and_noise_costs_more_than_smooth_structure():
+    rng = np.random.default_rng(2)
+    smooth = gaussian_filter(rng.uniform(size=(2, 64, 48)), (0, 3, 3))
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    noisy = np.clip(smooth + rng.normal(0, 0.05, smooth.shape), 0, 1)
+    x = torch.from_numpy(np.concatenate([smooth, noisy]))[:, None].float()  # (4, 1, 64, 48)
+    sigmas = (1e-3, 0.5, 1, 2, 4)
+    curve = blur_ssim_curve(x, sigmas)
+    assert curve[0] == pytest.approx(1, abs=1e-6)  # a blur too small to move a pixel
+    assert all(a > b for a, b in zip(curve, curve[1:])), curve
+    # Each image is blurred on its own (never across the batch): the curve is the mean of the images'.
+    per_image = np.mean([blur_ssim_curve(x[i:i + 1], sigmas) for i in range(4)], axis=0)
+    assert np.allclose(curve, per_image, atol=1e-6)
+    # Pixel noise costs SSIM at the slightest blur, where smooth structure barely does.
+    assert blur_ssim_curve(x[2:], (0.5,))[0] < blur_ssim_curve(x[:2], (0.5,))[0] - 0.02
+    assert blur_ssim_curve(torch.full((1, 1, 20, 20), 0.4)) == pytest.approx([1, 1, 1], abs=1e-6)  # constant
 
 
 def test_ssim_rejects_too_small_images():
