@@ -48,14 +48,15 @@ def save_comparison(path, inputs, indices, recons, title, num_embeddings, row_ti
     save_figure(fig, path)
 
 
-def save_image_grid(path, images, title, ncols=8, row_labels=None):
-    """Images (N, 1, H, W) in [0, 1] in rows of `ncols`, optionally with a label on each row."""
+def save_image_grid(path, images, title, ncols=8, row_labels=None, cell=1.3):
+    """Images (N, 1, H, W) in [0, 1] in rows of `ncols` (each row `cell` inches high), optionally with a
+    label on each row."""
     plt = pyplot()
 
     n = images.shape[0]
     nrows = -(-n // ncols)
     H, W = images.shape[-2:]
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.3 * W / H + 0.3, nrows * 1.3 + 0.5),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell * W / H + 0.3, nrows * cell + 0.5),
                              squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:

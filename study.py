@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import predict
 import train
 from dataset import load_split, num_batches, resolve_data_dir
-from figures import save_curves
+from figures import save_curves, save_image_grid
 from metrics import evaluate, inception_features, kid
 from modules import VQVAE
 from utils import ProjectError, load_checkpoint, load_vqvae, run_main, write_csv, write_nifti_gz
@@ -121,6 +121,18 @@ def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
     return out_dir
 
 
+def merged(flags):
+    """A flag list with each flag once, at its last value (a row's flags are the row before plus changes)."""
+    out = {}
+    for tok in flags:
+        if tok.startswith("--"):
+            out.pop(tok, None)
+            out[key := tok] = []
+        else:
+            out[key].append(tok)
+    return [t for k, v in out.items() for t in (k, *v)]
+
+
 def run_config(flags):
     """Flags -> the RunConfig train.py would run."""
     return train.RunConfig.from_flags(vars(train.get_parser().parse_args(flags)))
@@ -145,6 +157,20 @@ def measure_cost(run, steps=3):
                           1000, show=False)
         times.append(time.perf_counter() - t0)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9, float(np.median(times[1:]))
+
+
+def cached_cost(path, run):
+    """measure_cost(run), kept in the JSON file `path` (when given) under the model's and training's
+    settings, so that studies running side by side can share costs measured earlier with the machine
+    idle (the budget is what decides the epochs, so it must not be measured under load)."""
+    key = json.dumps([run.model.to_dict(), {k: v for k, v in vars(run.train).items() if k not in ("data_dir", "out_dir")}],
+                     sort_keys=True)
+    cache = json.loads(Path(path).read_text()) if path and Path(path).is_file() else {}
+    if key not in cache:
+        cache[key] = measure_cost(run)
+        if path:
+            Path(path).write_text(json.dumps(cache, indent=1))
+    return tuple(cache[key])
 
 
 def recon_kid(run_dir, data_dir, seed=0):
@@ -179,6 +205,24 @@ def plot_study(out_dir, names, data):
                 "% of the codebook used", f"codebook usage over the validation split ({data})")
 
 
+def save_side_by_side(path, out_dir, names, data_dir, title, n=6):
+    """n test slices (evenly spread over the split) and their reconstructions by each configuration's
+    best.pt, one row each, labelled with the configuration and its SSIM on those slices."""
+    images, labels = None, ["input"]
+    rows = []
+    for name in names:
+        ckpt = load_checkpoint(Path(out_dir) / name / "best.pt")
+        model = load_vqvae(ckpt, Path(out_dir) / name / "best.pt", torch.device("cpu"))
+        if images is None:
+            test = load_split(data_dir, "test", model.cfg.image_size).images.float()
+            images = test[torch.linspace(0, len(test) - 1, n + 2).round().long()[1:-1]]  # (n, 1, H, W)
+            rows.append(images)
+        res = evaluate(model, images, torch.device("cpu"), n, keep=True)
+        rows.append(res["recons"])
+        labels.append(f"{name}\nSSIM {res['ssim'].mean():.3f}")
+    save_image_grid(path, torch.cat(rows), title, ncols=n, row_labels=labels, cell=2.2)
+
+
 def main(args):
     out_dir = Path(args.out_dir or f"runs/study_{args.data}")
     if args.data == "standin":
@@ -190,7 +234,17 @@ def main(args):
     data_dir = resolve_data_dir(data[1] if data else None)
     n_train = len(load_split(data_dir, "train", (64, 64) if args.data == "crops" else (256, 128)).files)
     names = args.configs or list(CONFIGS)
-    costs = {name: measure_cost(run_config([*data, *CONFIGS[name][1]])) for name in names}  # alone, first
+    if args.figure:
+        path = out_dir / f"test_{'_vs_'.join(names)}.png"
+        save_side_by_side(path, out_dir, names, data_dir, f"test slices of the {args.data} set (patients never seen in "
+                          f"training where the data allow): input, then each configuration's reconstruction")
+        print(f"wrote {path}")
+        return
+    costs = {name: cached_cost(args.costs, run_config([*data, *CONFIGS[name][1]])) for name in names}  # first
+    if args.costs_only:
+        for name, (params, gflop, step_seconds) in costs.items():
+            print(f"{name}: {params / 1e6:.2f}M parameters, {gflop:.2f} GFLOP per image, {step_seconds:.2f} s per step")
+        return
     rows = []
     for name in names:
         label, config_flags = CONFIGS[name]
@@ -199,7 +253,7 @@ def main(args):
         if args.minutes:
             batch = run_config([*data, *config_flags]).train.batch_size
             epochs = max(1, round(args.minutes * 60 / (step_seconds * num_batches(n_train, batch))))
-        flags = [*data, "--epochs", str(epochs), *config_flags]
+        flags = merged([*data, "--epochs", str(epochs), *config_flags])
         run_dir = out_dir / name
         t0 = time.time()
         train.main(train.get_parser().parse_args([*flags, "--stage", "vqvae", "--out_dir", str(run_dir)]))
@@ -214,13 +268,16 @@ def main(args):
                      "python train.py " + " ".join(flags)])
         write_csv(out_dir / "study.csv", COLUMNS, rows)  # after each row, so a long study keeps its rows
     plot_study(out_dir, names, args.data)
-    print("\n| configuration | params | GFLOP / image | s / step | epochs | test SSIM | PSNR (dB) | codes used: "
-          "test / validation | perplexity | KID recon (floor) | train time | best epoch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    # The budget is steps x seconds per step measured alone: the runs' own wall time (train_seconds in
+    # study.csv) also counts the per-epoch validation and checkpoints, and whatever else the machine ran.
+    print("\n| configuration | params | GFLOP / image | s / step | steps (budget) | test SSIM | PSNR (dB) | codes used: "
+          "test / validation | perplexity | KID recon (real-vs-real) | best epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r[0]} | {r[9] / 1e6:.2f}M | {r[10]:.2f} | {r[11]:.2f} | {r[12]} | {r[1]:.4f} +- {r[2]:.4f} | "
-              f"{r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | {r[13]:.4f} ({r[15]:.4f}) | "
-              f"{r[6] / 60:.1f} min | {r[7]} |")
+        steps = r[12] * num_batches(n_train, 32)
+        print(f"| {r[0]} | {r[9] / 1e6:.2f}M | {r[10]:.2f} | {r[11]:.2f} | {steps} ({steps * r[11] / 60:.1f} min) | "
+              f"{r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | "
+              f"{r[13]:.4f} ({r[15]:.4f}) | {r[7]} / {r[12]} |")
     for r in rows:
         print(f"- {r[0]}: `{r[-1]}`")
 
@@ -239,6 +296,10 @@ def get_parser():
                    help="instead of --epochs: each configuration's budget in minutes of this machine's time")
     p.add_argument("--configs", nargs="*", default=None, choices=list(CONFIGS), metavar="NAME",
                    help=f"configurations to run; None: all of {list(CONFIGS)}")
+    p.add_argument("--costs", default=None, help="JSON file of measured costs to reuse and extend (see cached_cost)")
+    p.add_argument("--costs_only", action="store_true", help="measure the configurations' costs, then stop")
+    p.add_argument("--figure", action="store_true",
+                   help="only draw test slices beside the reconstructions of the --configs already trained in OUT_DIR")
     p.add_argument("--out_dir", default=None, help="None: runs/study_DATA")
     return p
 

@@ -264,3 +264,101 @@ def test_codebook_agrees_across_distributed_ranks(kw, tmp_path):
         for step in range(6):
             vq(torch.cat([far_data(n=64, seed=10 * step + r)[0] for r in range(2)], 2))
         assert torch.allclose(vq.codebook.weight, a, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the resnet layout and the lookup
+
+@pytest.mark.parametrize("size,levels,attention", [((32, 16), 2, False), ((64, 64), 3, True), ((32, 32), 1, True)])
+def test_resnet_layout_shapes(size, levels, attention):
+    channels, blocks = (8, 16, 16, 32)[-levels - 1:], (0, 1, 2, 1)[-levels - 1:]
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(arch="resnet", image_size=size, num_downsampling_layers=levels, channels=channels,
+                              blocks=blocks, attention=attention, embedding_dim=8, num_embeddings=32))
+    x = torch.rand(3, 1, *size) * 2 - 1
+    out = model(x)
+    h, w = size[0] >> levels, size[1] >> levels
+    assert out["x_recon"].shape == x.shape and out["indices"].shape == (3, h, w)
+    assert model.encoder(x).shape == (3, channels[-1], h, w)
+    # blocks per level are what the config asks: the encoder's and the decoder's residual blocks
+    n = sum(isinstance(m, torch.nn.Module) and type(m).__name__ == "ResBlock" for m in model.encoder.modules())
+    assert n == sum(blocks) == sum(type(m).__name__ == "ResBlock" for m in model.decoder.modules())
+    assert sum(type(m).__name__ == "AttnBlock" for m in model.modules()) == 2 * attention
+
+
+def test_resnet_settings_must_fit_the_levels():
+    with pytest.raises(ValueError, match="channels must be 4 numbers"):
+        VQVAEConfig(arch="resnet", channels=(16, 32, 64))
+    VQVAEConfig(arch="seed", channels=(16, 32, 64))  # ignored by the seed's net
+
+
+def test_seed_net_is_the_seeds():
+    """The seed configuration (flags of the seed README) builds exactly the seed's layers, and a checkpoint
+    written before arch and lookup_dim existed is read as the seed's net and lookup."""
+    cfg = VQVAEConfig(arch="seed", lookup_dim=0)
+    shapes = {k: tuple(v.shape) for k, v in VQVAE(cfg).state_dict().items() if not k.startswith("vq.") or "codebook" in k}
+    assert shapes == {
+        "encoder.net.0.weight": (64, 1, 4, 4), "encoder.net.0.bias": (64,),  # 3 stride-2 4x4 convs
+        "encoder.net.2.weight": (64, 64, 4, 4), "encoder.net.2.bias": (64,),
+        "encoder.net.4.weight": (128, 64, 4, 4), "encoder.net.4.bias": (128,),
+        "encoder.net.6.weight": (128, 128, 3, 3), "encoder.net.6.bias": (128,),
+        **{f"{part}.residual_stack.layers.{i}.{j}.{p}": s for part in ("encoder", "decoder") for i in range(2)
+           for j, w in ((1, (32, 128, 3, 3)), (3, (128, 32, 1, 1))) for p, s in (("weight", w), ("bias", (w[0],)))},
+        "pre_vq_conv.weight": (128, 128, 1, 1), "pre_vq_conv.bias": (128,),
+        "vq.codebook.weight": (512, 128),  # 512 codes of dim 128
+        "decoder.conv.weight": (128, 128, 3, 3), "decoder.conv.bias": (128,),
+        "decoder.net.0.weight": (128, 64, 4, 4), "decoder.net.0.bias": (64,),
+        "decoder.net.2.weight": (64, 64, 4, 4), "decoder.net.2.bias": (64,),
+        "decoder.net.4.weight": (64, 1, 4, 4), "decoder.net.4.bias": (1,),
+    }
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("arch", "lookup_dim", "channels", "blocks", "attention")}
+    fresh = VQVAEConfig.from_dict({**old, "codebook_init": "kmeans", "restart_after": 2})
+    assert fresh.arch == "seed" and fresh.lookup_dim == 0
+    assert VQVAEConfig.from_dict(VQVAEConfig(arch="resnet", lookup_dim=8).to_dict()).arch == "resnet"
+
+
+def test_lookup_straight_through_gradients():
+    """With the l2-normalised lookup the decoder's gradient reaches z_e as if the lookup were the identity
+    (proj_out of the normalised projection): the straight-through estimator, in the lookup space."""
+    torch.manual_seed(0)
+    vq = quantizer(16, 8, lookup_dim=4)
+    assert vq.codebook.weight.shape == (16, 4)
+    z_e = torch.randn(2, 8, 3, 5, requires_grad=True)
+    out = vq(z_e)
+    g = torch.randn_like(out["z_q"])
+    (out["z_q"] * g).sum().backward()
+    z_ref = z_e.detach().clone().requires_grad_()
+    flat = vq.lookup_space(z_ref.permute(0, 2, 3, 1).reshape(-1, 8))
+    assert torch.allclose(flat.norm(dim=1), torch.ones(30))
+    (vq._decoder_input(flat, (2, 3, 5), torch.contiguous_format) * g).sum().backward()
+    assert z_e.grad.abs().sum() > 0 and torch.allclose(z_e.grad, z_ref.grad, atol=1e-6)
+    # The decoder's input is proj_out of the chosen unit-length codes.
+    codes = F.normalize(vq.codebook.weight, dim=1)[out["indices"].flatten()]
+    assert torch.allclose(out["z_q"].permute(0, 2, 3, 1).reshape(-1, 8), vq.proj_out(codes), atol=1e-6)
+    # The codebook term moves the codes, the commitment term the encoder (and proj_in) only.
+    vq.zero_grad()
+    out = vq(z_e)
+    assert torch.autograd.grad(out["commitment_loss"], [vq.codebook.weight], allow_unused=True)[0] is None
+    assert torch.autograd.grad(out["codebook_loss"], [vq.codebook.weight])[0].abs().sum() > 0
+    assert torch.autograd.grad(out["codebook_loss"], [vq.proj_in.weight], allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_lookup_keeps_codes_in_use_where_the_seed_collapses(ema):
+    """On encoder outputs built to collapse (far from the seed's +-1/K codes, all in one direction) the
+    seed's lookup uses one code; the normalised lookup with k-means init and restarts uses >= 90%, and
+    stays there over training steps (k-means and restarts run in the lookup space)."""
+    z_e, _ = far_data(n=512)
+    torch.manual_seed(0)
+    assert used(quantizer(32, 8, ema=ema), z_e) == 1
+    vq = quantizer(32, 8, ema=ema, lookup_dim=4, codebook_init="kmeans", restart_after=2)
+    opt = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(20):
+        out = vq(z_e)
+        opt.zero_grad()
+        out["vq_loss"].backward()
+        opt.step()
+    assert vq.initialized and vq.codebook.weight.shape == (32, 4)
+    assert out["indices"].unique().numel() >= 29 and used(vq, z_e) >= 29
+    vq.codebook.weight.data[5] = -vq.codebook.weight.data[5].sign() * 1e3  # out of reach: restarted in 2 steps
+    vq(z_e), vq(z_e)
+    assert used(vq, z_e) >= 29 and vq.codebook.weight[5].abs().max() < 1e3
