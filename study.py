@@ -38,11 +38,10 @@ from utils import ProjectError, load_checkpoint, load_vqvae, run_main, write_csv
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
 PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", *AUG_OFF]  # the seed's net, loss, data
 SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
-HEALTHY = ["--ema", *PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
-           "--lr_schedule", "constant"]
-# The quality ladder: the codebook study's defaults (DEFAULTS_V1), then one change at a time.
+# The codebook study's defaults (DEFAULTS_V1); the quality study's ladder adds one change at a time to them.
 DEFAULTS_V1 = [*PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
                "--lr_schedule", "constant"]
+HEALTHY = ["--ema", *DEFAULTS_V1]
 LOOKUP = [*DEFAULTS_V1, "--lookup_dim", "8"]
 LOOKUP_L1 = [*LOOKUP, "--recon_loss", "l1+mse"]
 RESNET = [*LOOKUP_L1, "--arch", "resnet", "--channels", "16", "32", "64", "128", "--blocks", "0", "1", "1", "2"]
@@ -51,11 +50,10 @@ AUG = ["--aug_flip", "0.5", "--aug_rotate", "5", "--aug_scale", "0.05", "--aug_s
 CONFIGS = {  # name: (label in the table, flags); later flags win, so each row adds to the one before
     "seed": ("seed: gradient codebook with +-1/K init", SEED),
     "ema": ("EMA", ["--ema", *SEED]),
-    "grad_init_restart": ("gradient + k-means init + restart", HEALTHY[1:]),
+    "grad_init_restart": ("gradient + k-means init + restart (the defaults before the quality study)", DEFAULTS_V1),
     "ema_init_restart": ("EMA + k-means init + restart", HEALTHY),
     "ema_init_restart_ssim": ("EMA + init + restart + SSIM loss 0.2", [*HEALTHY, "--ssim_weight", "0.2"]),
     "ema_init_restart_cosine": ("EMA + init + restart + cosine LR", [*HEALTHY, "--lr_schedule", "cosine"]),
-    "defaults_v1": ("seed net, k-means init + restart (the defaults before this study)", DEFAULTS_V1),
     "lookup": ("+ 8-dim l2-normalised lookup", LOOKUP),
     "lookup_l1": ("+ L1 + MSE loss", LOOKUP_L1),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),

@@ -198,12 +198,32 @@ def test_every_study_configuration_is_a_valid_train_command():
     seen = set()
     for name, (label, flags) in study.CONFIGS.items():
         r = run_config(*flags)
-        key = (r.model.ema, r.model.codebook_init, r.model.restart_after, r.train.ssim_weight, r.train.lr_schedule)
+        key = repr((r.model.to_dict(), vars(r.train)))
         assert key not in seen, name  # no two rows train the same thing
         seen.add(key)
         assert "," not in label  # labels go into study.csv unquoted
-    seed = run_config(*study.CONFIGS["seed"][1]).model
-    assert (seed.ema, seed.codebook_init, seed.restart_after) == (False, "uniform", 0)
+    seed = run_config(*study.CONFIGS["seed"][1])
+    assert (seed.model.ema, seed.model.codebook_init, seed.model.restart_after) == (False, "uniform", 0)
+    assert (seed.model.arch, seed.model.lookup_dim, seed.train.recon_loss, seed.train.aug_flip) == ("seed", 0, "mse", 0)
+
+
+def test_crops_are_split_by_patient(tmp_path):
+    """study.cut_crops puts every slice of a patient in one split, and every patient in one."""
+    import nibabel as nib
+    import numpy as np
+    import study
+    for i in range(6):
+        nib.save(nib.Nifti1Image(np.full((8, 8, 5), i, np.uint8), np.eye(4)), tmp_path / f"case{i:06d}.nii.gz")
+    out = study.cut_crops(tmp_path, tmp_path / "cut", split={"train": 4, "validate": 1, "test": 1})
+    cases = {}
+    for split in ("train", "validate", "test"):
+        files = sorted((out / f"keras_slices_{split}").glob("*.nii.gz"))
+        cases[split] = {f.name.split("_week")[0] for f in files}
+        assert len(files) == 5 * len(cases[split])  # all 5 slices of each patient
+        for f in files:  # the slice holds its own patient's volume
+            assert np.asarray(nib.load(f).dataobj).max() == int(f.name.split("_")[1])
+    assert [len(c) for c in cases.values()] == [4, 1, 1]
+    assert not (cases["train"] & cases["test"]) and not (cases["train"] & cases["validate"])
 
 
 def test_a_new_setting_is_one_field():
