@@ -17,7 +17,8 @@ import phantom  # noqa: E402
 # A model small enough to train in seconds on 32x16 images (2 downsamplings -> 8x4 code map),
 # and a prior over those 32 codes to match.
 TINY_MODEL = ["--image_size", "32", "16", "--num_hiddens", "16", "--num_residual_hiddens", "8",
-              "--num_downsampling_layers", "2", "--embedding_dim", "8", "--num_embeddings", "32",
+              "--num_downsampling_layers", "2", "--channels", "8", "8", "16", "--blocks", "0", "1", "1",
+              "--embedding_dim", "8", "--num_embeddings", "32",
               "--prior_epochs", "2", "--prior_hidden_dim", "16", "--prior_num_heads", "2",
               "--prior_num_layers", "1", "--prior_num_samples", "4"]
 

@@ -5,16 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import SEED_CODEBOOK, VQVAE, VectorQuantizer, VQVAEConfig
+from modules import SEED_DEFAULTS, VQVAE, VectorQuantizer, VQVAEConfig
 
 TINY = dict(num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2, embedding_dim=8,
             num_embeddings=32)
 
 
 def quantizer(num_embeddings, embedding_dim, **kw):
-    """A VectorQuantizer with the seed's codebook (uniform codes, no restarts) unless kw asks otherwise."""
+    """A VectorQuantizer with the seed's codebook and lookup (uniform codes, no restarts, plain L2) unless kw
+    asks otherwise."""
     return VectorQuantizer(VQVAEConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                                       **{**SEED_CODEBOOK, **kw}))
+                                       **{**SEED_DEFAULTS, **kw}))
 
 
 def tiny_model(**kw):
@@ -32,15 +33,17 @@ def test_shapes_follow_config():
         model.latent_shape((250, 128))
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_encode_decode_indices_agree_with_forward_in_eval(ema):
-    model = tiny_model(ema=ema).eval()
+@pytest.mark.parametrize("ema,lookup_dim", [(False, 0), (True, 0), (False, 8), (True, 8)])
+def test_encode_decode_indices_agree_with_forward_in_eval(ema, lookup_dim):
+    model = tiny_model(ema=ema, lookup_dim=lookup_dim).eval()
     x = torch.rand(3, 1, 32, 16) * 2 - 1
     out = model(x)
     idx = model.encode(x)
     assert idx.dtype == torch.long and idx.shape == (3, 8, 4)
     assert torch.equal(idx, out["indices"])
     assert torch.allclose(model.decode_indices(idx), out["x_recon"], atol=1e-6)
+    if lookup_dim:
+        return
     # Decoding the codes of a code map and re-quantizing the codebook vectors gives the same codes.
     z_q = model.vq.embed(idx)
     assert torch.equal(model.vq.nearest(z_q.permute(0, 2, 3, 1).reshape(-1, 8)).view_as(idx), idx)
