@@ -144,8 +144,10 @@ def add_settings(parser, cls, prefix=""):
         if f.type is bool:
             parser.add_argument(f"--{prefix}{f.name}", action="store_true", **kw)
         else:
+            # A tuple takes as many numbers as its metavar names (image_size: H W), or one or more (per level).
+            nargs = (len(meta["metavar"]) if isinstance(meta["metavar"], tuple) else "+") if f.type is tuple else None
             parser.add_argument(f"--{prefix}{f.name}", type=int if f.type is tuple else f.type, choices=meta["choices"],
-                                nargs=len(f.default) if f.type is tuple else None, metavar=meta["metavar"], **kw)
+                                nargs=nargs, metavar=meta["metavar"], **kw)
 
 
 def settings_from(cls, flags, prefix="", make=None):
