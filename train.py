@@ -58,7 +58,7 @@ class TrainConfig:
                           "more extends it)", rule=">= 1")
     batch_size: int = setting(32, "slices per Adam step (the global batch under torchrun)", rule=">= 1")
     lr: float = setting(1e-3, "Adam learning rate", rule="> 0")
-    recon_loss: str = setting("l1+mse", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
+    recon_loss: str = setting("mse", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
                               "paper and the seed), l1 (of a Laplacian one) or l1+mse (their sum)",
                               choices=("mse", "l1", "l1+mse"))
     ssim_weight: float = setting(0.0, "adds ssim_weight * (1 - SSIM) to the reconstruction loss; 0: none",
