@@ -473,7 +473,10 @@ class VectorQuantizer(nn.Module):
         if self.training and self._needs_init:
             self.init_codebook(z_e)
         z = self.lookup_space(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, lookup_dim or D)
-        codes = self.codes()
+        # The normalisation's backward reads the codebook, which the update below changes in place: it
+        # reads a copy, so the gradient is that of the codes this step used (and a compiled graph sees
+        # no saved tensor modified).
+        codes = F.normalize(self.codebook.weight.clone(), dim=1) if self.lookup_dim else self.codebook.weight
         indices = _nearest(z, codes)  # (B*h*w,)
         z_q = codes[indices].to(z.dtype)  # (B*h*w, lookup_dim or D), codes before the update
         if self.training and (self.ema or self.restart_after > 0):

@@ -63,9 +63,11 @@ def test_bf16_training_agrees_with_fp32(tiny_data, tmp_path):
 def test_two_torchrun_processes_train_the_one_process_model(tiny_data, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) with --batch_size 4 (2 slices per process) ends within
     1e-4 of one process with --batch_size 4 in every weight; the codebooks are checked equal on both
-    ranks after every epoch by train.py itself; the checkpoint has the one-process format."""
+    ranks after every epoch by train.py itself; the checkpoint has the one-process format. With the
+    l2-normalised lookup (--lookup_dim), whose projections and k-means run in the lookup space (the
+    compiled test below runs the seed's lookup)."""
     flags = ["--data_dir", tiny_data, "--stage", "vqvae", "--device", "cpu", "--epochs", 3, "--batch_size", 4,
-             *TINY_MODEL]
+             *TINY_MODEL, "--lookup_dim", 8]
     for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
                                                  "--master_port", "29531"])):
         cmd = [sys.executable, *launcher, str(ROOT / "train.py"), *map(str, flags), "--out_dir", str(tmp_path / name)]
