@@ -450,7 +450,7 @@ class VectorQuantizer(nn.Module):
 
     def embed(self, indices, memory_format=torch.contiguous_format):
         """indices: (B, h, w) long -> the decoder's input z_q: (B, D, h, w) in `memory_format`."""
-        return self._decoder_input(self.codes()[indices.flatten()], indices.shape, memory_format)
+        return self._decoder_input(F.embedding(indices.flatten(), self.codes()), indices.shape, memory_format)
 
     @torch.compiler.disable  # once, eagerly: never part of a compiled training step
     @torch.no_grad()
@@ -478,23 +478,28 @@ class VectorQuantizer(nn.Module):
         # no saved tensor modified).
         codes = F.normalize(self.codebook.weight.clone(), dim=1) if self.lookup_dim else self.codebook.weight
         indices = _nearest(z, codes)  # (B*h*w,)
-        z_q = codes[indices].to(z.dtype)  # (B*h*w, lookup_dim or D), codes before the update
+        z_q = F.embedding(indices, codes).to(z.dtype)  # (B*h*w, lookup_dim or D), codes before the update
         if self.training and (self.ema or self.restart_after > 0):
             self._update_codebook(z.detach().float(), indices)
 
+        layout = torch.channels_last if _is_channels_last(z_e) else torch.contiguous_format
+        if self.lookup_dim:  # the loss terms and the straight-through estimator in the lookup space
+            e, q = z, z_q
+        else:  # in the encoder's own (B, D, h, w), summed in the seed's order
+            e, q = z_e, self._decoder_input(z_q, (B, h, w), layout)
         # Paper eq. 3: L = log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2.
         # Codebook term moves the codes towards the encoder outputs; the EMA update replaces it.
         if self.ema:
             codebook_loss = z_e.new_zeros(())
         else:
-            codebook_loss = F.mse_loss(z_q, z.detach())
+            codebook_loss = F.mse_loss(q, e.detach())
         # Commitment term keeps the encoder outputs close to their codes; beta weights it alone.
-        commitment_loss = F.mse_loss(z, z_q.detach())
+        commitment_loss = F.mse_loss(e, q.detach())
         vq_loss = codebook_loss + self.commitment_cost * commitment_loss
         # Straight-through estimator: forward uses z_q, backward copies the gradient to z (and z_e).
-        z_q = z + (z_q - z).detach()
-        layout = torch.channels_last if _is_channels_last(z_e) else torch.contiguous_format
-        return {"z_q": self._decoder_input(z_q, (B, h, w), layout), "indices": indices.view(B, h, w),
+        q = e + (q - e).detach()
+        return {"z_q": self._decoder_input(q, (B, h, w), layout) if self.lookup_dim else q,
+                "indices": indices.view(B, h, w),
                 "codebook_loss": codebook_loss, "commitment_loss": commitment_loss, "vq_loss": vq_loss}
 
     @torch.no_grad()

@@ -214,6 +214,12 @@ def check_run(run, world_size):
     if run.train.batch_size % world_size:
         raise ProjectError(f"--batch_size {run.train.batch_size} (the global batch) does not split over "
                            f"{world_size} processes; use a multiple of {world_size}")
+    m = run.model
+    if run.train.compile and m.lookup_dim and not m.ema and m.restart_after:
+        # The normalised lookup's backward needs the codebook, which restarts change in place inside the
+        # compiled step; eagerly a copy is read, but a compiled graph may recompute from the original.
+        raise ProjectError("--compile with --lookup_dim, a gradient codebook and restarts is not supported: "
+                           "add --ema, or --restart_after 0, or drop --compile")
 
 
 # ----------------------------------------------------------------------------- stages
