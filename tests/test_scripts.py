@@ -314,3 +314,14 @@ def test_augmentation_only_in_training_and_reproducible_on_resume(tiny_data, tmp
     # Off (the default): never called, so such a run trains exactly as it did before augmentation existed.
     assert train_run(tmp_path / "plain", "--epochs", "1", "--recon_loss", "l1+mse") == []
     assert train.augment_settings(run_config().train) is None
+
+
+def test_compile_with_the_lookup_and_gradient_restarts_is_refused():
+    """The one combination a compiled step cannot run (restarts change in place the codebook that the
+    normalised lookup's backward reads) is refused in one line; with the EMA codebook it runs."""
+    import train
+    from utils import ProjectError
+    with pytest.raises(ProjectError, match="--compile with --lookup_dim"):
+        train.check_run(run_config("--compile", "--lookup_dim", "8"), 1)
+    train.check_run(run_config("--compile", "--lookup_dim", "8", "--ema"), 1)
+    train.check_run(run_config("--compile"), 1)
