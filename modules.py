@@ -432,8 +432,10 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.proj_in(z_flat), dim=1) if self.lookup_dim else z_flat
 
     def codes(self):
-        """The codebook (K, lookup_dim or D) as the lookup sees it: l2-normalised with lookup_dim."""
-        return F.normalize(self.codebook.weight, dim=1) if self.lookup_dim else self.codebook.weight
+        """The codebook (K, lookup_dim or D) as the lookup sees it: l2-normalised with lookup_dim. The
+        normalisation reads a copy: its backward must see this step's codes, which the restarts and the
+        EMA update then change in place (and a compiled graph may recompute from the original)."""
+        return F.normalize(self.codebook.weight.clone(), dim=1) if self.lookup_dim else self.codebook.weight
 
     def nearest(self, z_flat):
         """z_flat: (N, D) encoder outputs -> indices (N,) of the nearest code (squared L2 distance, which
@@ -473,10 +475,7 @@ class VectorQuantizer(nn.Module):
         if self.training and self._needs_init:
             self.init_codebook(z_e)
         z = self.lookup_space(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, lookup_dim or D)
-        # The normalisation's backward reads the codebook, which the update below changes in place: it
-        # reads a copy, so the gradient is that of the codes this step used (and a compiled graph sees
-        # no saved tensor modified).
-        codes = F.normalize(self.codebook.weight.clone(), dim=1) if self.lookup_dim else self.codebook.weight
+        codes = self.codes()
         indices = _nearest(z, codes)  # (B*h*w,)
         z_q = F.embedding(indices, codes).to(z.dtype)  # (B*h*w, lookup_dim or D), codes before the update
         if self.training and (self.ema or self.restart_after > 0):

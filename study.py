@@ -171,12 +171,17 @@ def cached_cost(path, run):
     return tuple(cache[key])
 
 
+def load_best(run_dir):
+    """The VQ-VAE of run_dir/best.pt, on the CPU, in eval mode."""
+    path = Path(run_dir) / "best.pt"
+    return load_vqvae(load_checkpoint(path), path, torch.device("cpu"))
+
+
 def recon_kid(run_dir, data_dir, seed=0):
     """KID of the test reconstructions of run_dir/best.pt against the test split, and the real-vs-real
     floor: as many random training slices against the test split -> ((mean, sd), (mean, sd))."""
-    ckpt = load_checkpoint(Path(run_dir) / "best.pt")
     device = torch.device("cpu")
-    model = load_vqvae(ckpt, Path(run_dir) / "best.pt", device)
+    model = load_best(run_dir)
     test = load_split(data_dir, "test", model.cfg.image_size).images.float()
     train_images = load_split(data_dir, "train", model.cfg.image_size).images.float()
     recons = evaluate(model, test, device, 32, keep=True)["recons"]
@@ -209,8 +214,7 @@ def save_side_by_side(path, out_dir, names, data_dir, title, n=6):
     images, labels = None, ["input"]
     rows = []
     for name in names:
-        ckpt = load_checkpoint(Path(out_dir) / name / "best.pt")
-        model = load_vqvae(ckpt, Path(out_dir) / name / "best.pt", torch.device("cpu"))
+        model = load_best(Path(out_dir) / name)
         if images is None:
             test = load_split(data_dir, "test", model.cfg.image_size).images.float()
             images = test[torch.linspace(0, len(test) - 1, n + 2).round().long()[1:-1]]  # (n, 1, H, W)
@@ -230,7 +234,7 @@ def main(args):
     else:
         data = []
     data_dir = resolve_data_dir(data[1] if data else None)
-    n_train = len(load_split(data_dir, "train", (64, 64) if args.data == "crops" else (256, 128)).files)
+    n_train = len(load_split(data_dir, "train", run_config(data).model.image_size).files)
     names = args.configs or list(CONFIGS)
     if args.figure:
         path = out_dir / f"test_{'_vs_'.join(names)}.png"
@@ -272,7 +276,7 @@ def main(args):
           "test / validation | perplexity | KID recon (real-vs-real) | best epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        steps = r[12] * num_batches(n_train, 32)
+        steps = r[12] * num_batches(n_train, run_config(data).train.batch_size)
         print(f"| {r[0]} | {r[9] / 1e6:.2f}M | {r[10]:.2f} | {r[11]:.2f} | {steps} ({steps * r[11] / 60:.1f} min) | "
               f"{r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | "
               f"{r[13]:.4f} ({r[15]:.4f}) | {r[7]} / {r[12]} |")
