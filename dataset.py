@@ -221,6 +221,36 @@ def stem(path):
     return Path(path).name.removesuffix(".gz").removesuffix(".nii")
 
 
+SLICE_NAME = re.compile(r"(?P<volume>.+)_slice_(?P<position>\d+)")
+
+
+def slice_position(path):
+    """The slice's volume and position in it, from a release file name: case_004_week_0_slice_17.nii.gz ->
+    ("case_004_week_0", 17); None when the name carries no position."""
+    m = SLICE_NAME.fullmatch(stem(path))
+    return (m["volume"], int(m["position"])) if m else None
+
+
+def volume_layout(files):
+    """-> (position (N,) long: each slice's position in its volume, -1 where the name has none;
+    previous (N,) long: the index in `files` of the same volume's slice at position - 1, -1 where
+    there is none: the first slice of a volume, or a gap)."""
+    keys = [slice_position(f) for f in files]
+    where = {k: i for i, k in enumerate(keys) if k}
+    position = [k[1] if k else -1 for k in keys]
+    previous = [where.get((k[0], k[1] - 1), -1) if k else -1 for k in keys]
+    return torch.tensor(position, dtype=torch.long), torch.tensor(previous, dtype=torch.long)
+
+
+def volumes_of(files):
+    """{volume: [indices into files in position order]} of the files whose names carry a position."""
+    vols = {}
+    for i, k in enumerate(map(slice_position, files)):
+        if k:
+            vols.setdefault(k[0], []).append((k[1], i))
+    return {v: [i for _, i in sorted(items)] for v, items in vols.items()}
+
+
 def scale_unit(a):
     """(H, W) finite values -> float32 (H, W) min-max scaled to [0, 1]; a constant slice maps to zeros
     (no division by zero). Computed in float64: in float32, hi - lo overflows to Inf for values near

@@ -129,3 +129,29 @@ def save_code_histogram(path, counts, title):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def save_orthogonal_cuts(path, volumes, labels, aspect, title):
+    """One row per volume: its middle slice, and the cuts across the slices through the middle row and
+    the middle column, so a stack's coherence from slice to slice shows as continuous anatomy.
+
+    volumes: list of (P, H, W) in [0, 1] (P slices of H x W); aspect: slice spacing / pixel spacing,
+    so the cuts keep the volume's proportions.
+    """
+    plt = pyplot()
+    n = len(volumes)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 2.6 * n + 0.5), squeeze=False)
+    for row, (vol, label) in zip(axes, zip(volumes, labels)):
+        vol = np.asarray(vol, dtype=np.float32)
+        P, H, W = vol.shape
+        panels = ((vol[P // 2], 1, f"{label}: slice {P // 2} of {P}"),
+                  (vol[:, :, W // 2].T, 1 / aspect, f"cut across the slices, column {W // 2}"),  # (H, P)
+                  (vol[:, H // 2, :], aspect, f"cut across the slices, row {H // 2}"))  # (P, W)
+        for ax, (img, a, name) in zip(row, panels):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, aspect=a, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

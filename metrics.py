@@ -150,13 +150,18 @@ BITS_PER_NAT = 1 / math.log(2)
 
 
 @torch.no_grad()
-def prior_nll_bits(prior, codes, batch_size, device, precision="fp32"):
+def prior_nll_bits(prior, codes, batch_size, device, precision="fp32", position=None, previous=None):
     """Mean NLL in bits per code of code maps (N, h, w) under the prior, in eval mode, its forward
-    pass in `precision` (as --precision)."""
+    pass in `precision` (as --precision); given position (N,) and previous maps (N, h, w)
+    (modules.conditions), conditioned on them, else unconditional."""
     was_training = prior.training
     prior.eval()
+    total = 0.0
     with autocast_for(device, precision):
-        total = sum(prior.nll(c.to(device)).sum() for c in codes.split(batch_size))
+        for i in range(0, len(codes), batch_size):
+            part = slice(i, i + batch_size)
+            cond = [None if c is None else c[part].to(device) for c in (position, previous)]
+            total = total + prior.nll(codes[part].to(device), *cond).sum()
     prior.train(was_training)
     return total.item() / len(codes) * BITS_PER_NAT
 

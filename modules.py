@@ -583,6 +583,7 @@ class VQVAE(nn.Module):
 # ----------------------------------------------------------------------------- prior over code maps
 
 PRIOR_ARCHS = ("transformer", "pixelcnn")
+PRIOR_CONDITIONS = ("none", "position", "position+previous")
 
 
 @dataclass
@@ -599,6 +600,12 @@ class PriorConfig:
     hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
     dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")
     kernel_size: int = setting(5, "masked convolution width (pixelcnn)", rule=">= 1")
+    condition: str = setting("position+previous", "what a code map may be generated given: its slice's position "
+                             "in the volume, and the previous slice's code map (for whole volumes); each may be left "
+                             "out at sampling time", choices=PRIOR_CONDITIONS)
+    # Slice positions 0..num_positions-1 the prior tells apart: read from the training file names by
+    # train.py (0: none carry one); not a flag.
+    num_positions: int = field(default=0, metadata={"rule": ">= 0"})
 
     def __post_init__(self):
         check_settings(self)
@@ -606,6 +613,12 @@ class PriorConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of num_heads {self.num_heads}")
         if self.arch == "pixelcnn" and self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (centred on the current column), got {self.kernel_size}")
+
+    @classmethod
+    def from_dict(cls, args):
+        """A checkpoint's model_args -> PriorConfig; priors saved before conditioning existed were
+        unconditional."""
+        return cls(**{"condition": "none", **args})
 
     @classmethod
     def for_vqvae(cls, vq: VQVAEConfig, **settings):
@@ -660,13 +673,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _draw(logits, temperature, top_k, generator):
+def _draw(logits, temperature, top_k, generator, top_p=1.0):
     """logits (n, K) -> (n, 1) codes drawn from softmax(logits / temperature), restricted to the
-    top_k most likely codes when top_k > 0."""
+    top_k most likely codes when top_k > 0 and to the smallest set of most likely codes whose
+    probability reaches top_p when top_p < 1 (nucleus sampling, Holtzman et al. 2020)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[1]:
         kth = logits.topk(top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = F.softmax(logits, dim=1).sort(dim=1, descending=True)
+        outside = probs.cumsum(1) - probs >= top_p  # the mass before a code already reaches top_p
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
     # argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p (the exponential race, a form of the
     # Gumbel-max trick), with no host-side check: torch.multinomial validates p on the host on CUDA,
     # about two syncs per code, 512 per sampled map.
@@ -677,35 +695,91 @@ def _draw(logits, temperature, top_k, generator):
     return (p / e).argmax(1, keepdim=True)
 
 
-class AutoregressivePrior(nn.Module):
-    """p(z) = prod_i p(z_i | z_<i) over a VQ-VAE's code maps in raster order (row by row, left to
-    right). Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position i sees codes < i."""
+class Condition(nn.Module):
+    """What a code map is generated given, as features (B, C, h, w) added to the prior's input at every
+    position: an embedding of the slice's position in its volume (as a class embedding), and the
+    previous slice's code map embedded and mixed over 3x3 neighbours (a depthwise conv: cheap, and
+    neighbouring slices move by a pixel or so). The previous map is known in full before the current
+    one is drawn, so every position may see all of it without breaking causality; the features
+    aligned with code i sit in the input slot that predicts code i. Position num_positions means "no
+    position" and code K "no previous slice": the prior trains with each dropped at random, so one
+    prior samples with both, either or neither."""
 
-    def nll(self, indices):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_dim
+        self.position = nn.Embedding(cfg.num_positions + 1, C) if cfg.condition != "none" else None
+        if cfg.condition == "position+previous":
+            self.previous = nn.Embedding(cfg.num_embeddings + 1, C)
+            self.mix = nn.Conv2d(C, C, 3, padding=1, groups=C)
+        else:
+            self.previous = None
+
+    def forward(self, n, position=None, previous=None):
+        """position: (n,) long in [0, num_positions] or None (none); previous: (n, h, w) long codes or
+        None (none) -> features (n, C, h, w), or 0 for an unconditional prior."""
+        if self.position is None:
+            return 0
+        device = self.position.weight.device
+        if position is None:
+            position = torch.full((n,), self.cfg.num_positions, dtype=torch.long, device=device)
+        out = self.position(position)[:, :, None, None]  # (n, C, 1, 1)
+        if self.previous is not None:
+            if previous is None:
+                previous = torch.full((n, self.cfg.latent_h, self.cfg.latent_w), self.cfg.num_embeddings,
+                                      dtype=torch.long, device=device)
+            out = out + self.mix(self.previous(previous).permute(0, 3, 1, 2))  # (n, C, h, w)
+        return out
+
+
+def conditions(codes, position, previous, cfg):
+    """A split's conditions as the prior takes them: codes (N, h, w), position (N,) and previous (N,)
+    (dataset.volume_layout: -1 where none) -> (position (N,), with num_positions where the slice has
+    none the prior knows; previous maps (N, h, w), all code K where there is no previous slice)."""
+    known = (position >= 0) & (position < cfg.num_positions)
+    position = torch.where(known, position, torch.full_like(position, cfg.num_positions))
+    none = torch.full_like(codes, cfg.num_embeddings)
+    has = (previous >= 0)[:, None, None]
+    return position, torch.where(has, codes[previous.clamp_min(0)], none)
+
+
+class AutoregressivePrior(nn.Module):
+    """p(z | c) = prod_i p(z_i | z_<i, c) over a VQ-VAE's code maps in raster order (row by row, left
+    to right), where the condition c (Condition) is the slice's position and the previous slice's
+    code map, each optional. Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position
+    i sees codes < i (and all of c)."""
+
+    def nll(self, indices, position=None, previous=None):
         """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
-        logits = self(indices)
+        logits = self(indices, position, previous)
         return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=0, generator=None):
-        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i) / temperature, keeping only the
-        top_k most likely codes at each step when top_k > 0, in eval mode. `generator` (on the
-        model's device) seeds the draws."""
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None):
+        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i, c) / temperature, keeping only the
+        top_k most likely codes (top_k > 0) and the top_p nucleus (top_p < 1) at each step, in eval
+        mode. position (n,) and previous (n, h, w) condition the draw (None: left out). `generator` (on
+        the model's device) seeds the draws."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         was_training = self.training
         self.eval()
-        codes = self._sample_codes(n, lambda logits: _draw(logits, temperature, top_k, generator))
+        cond = self.cond(n, position, previous)
+        codes = self._sample_codes(n, lambda logits: _draw(logits, temperature, top_k, generator, top_p), cond,
+                                   position, previous)
         self.train(was_training)
         return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
 
-    def _sample_codes(self, n, draw):
+    def _sample_codes(self, n, draw, cond, position, previous):
         """(n, h*w) codes, each drawn by draw(logits (n, K)) -> (n, 1). This generic version reruns the
         whole map per code (h*w passes); the transformer overrides it with a cache."""
         h, w = self.cfg.latent_h, self.cfg.latent_w
         codes = torch.zeros(n, h * w, dtype=torch.long, device=next(self.parameters()).device)
         for i in range(h * w):
-            codes[:, i] = draw(self(codes.view(n, h, w))[:, i])[:, 0]
+            codes[:, i] = draw(self(codes.view(n, h, w), position, previous)[:, i])[:, 0]
         return codes
 
 
@@ -751,12 +825,15 @@ class GatedPixelCNN(AutoregressivePrior):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden_dim, cfg.hidden_dim, 1), nn.ReLU(),
                                   nn.Conv2d(cfg.hidden_dim, cfg.num_embeddings, 1))
+        self.cond = Condition(cfg)
 
-    def forward(self, indices):
-        """indices: (B, h, w) -> logits (B, h*w, K); logits[:, i] scores code i given codes < i."""
+    def forward(self, indices, position=None, previous=None):
+        """indices: (B, h, w) -> logits (B, h*w, K); logits[:, i] scores code i given codes < i and the
+        condition (position (B,), previous (B, h, w); None: left out)."""
         x = self.embed(indices).permute(0, 3, 1, 2)  # (B, C, h, w)
-        v = F.pad(x, (0, 0, 1, 0))[:, :, :-1]  # row r holds row r-1: the rows above only
-        h = F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]  # column c holds column c-1: the left only
+        c = self.cond(len(indices), position, previous)  # (B, C, h, w): the condition is not shifted
+        v = F.pad(x, (0, 0, 1, 0))[:, :, :-1] + c  # row r holds row r-1: the rows above only
+        h = F.pad(x, (1, 0, 0, 0))[:, :, :, :-1] + c  # column c holds column c-1: the left only
         for layer in self.layers:
             v, h = layer(v, h)
         logits = self.head(self.drop(h))  # (B, K, h, w)
@@ -785,6 +862,7 @@ class CodePrior(AutoregressivePrior):
                                      for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
+        self.cond = Condition(cfg)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -794,21 +872,28 @@ class CodePrior(AutoregressivePrior):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _embed(self, tokens, pos):
-        """tokens (B, T) at positions pos..pos+T-1 -> (B, T, C)."""
+    def _embed(self, tokens, pos, cond):
+        """tokens (B, T) at positions pos..pos+T-1, cond (B, T, C) or 0 -> (B, T, C)."""
         positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
-        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions) + cond)
 
-    def forward(self, indices):
-        """indices: (B, h, w) codes -> logits (B, h*w, K); logits[:, i] scores code i given codes < i."""
+    @staticmethod
+    def _as_sequence(cond):
+        """Condition features (B, C, h, w) -> (B, h*w, C) in raster order (0 stays 0)."""
+        return cond if isinstance(cond, int) else cond.flatten(2).transpose(1, 2)
+
+    def forward(self, indices, position=None, previous=None):
+        """indices: (B, h, w) codes -> logits (B, h*w, K); logits[:, i] scores code i given codes < i and
+        the condition (position (B,), previous (B, h, w); None: left out)."""
         seq = indices.flatten(1)  # (B, L), raster order
         start = seq.new_full((seq.shape[0], 1), self.start_token)
-        x = self._embed(torch.cat([start, seq[:, :-1]], 1), 0)  # inputs shifted right by one
+        cond = self._as_sequence(self.cond(len(seq), position, previous))  # (B, L, C)
+        x = self._embed(torch.cat([start, seq[:, :-1]], 1), 0, cond)  # inputs shifted right by one
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # (B, L, K)
 
-    def _sample_codes(self, n, draw):
+    def _sample_codes(self, n, draw, cond, position=None, previous=None):
         """One position per step through the key/value cache."""
         device = self.pos_emb.weight.device
         C, heads = self.cfg.hidden_dim, self.cfg.num_heads
@@ -816,8 +901,9 @@ class CodePrior(AutoregressivePrior):
                    "v": torch.empty(n, heads, self.seq_len, C // heads, device=device)} for _ in self.blocks]
         out = torch.empty(n, self.seq_len, dtype=torch.long, device=device)
         token = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
+        cond = self._as_sequence(cond)  # (n, L, C) or 0
         for i in range(self.seq_len):
-            x = self._embed(token, i)  # (n, 1, C)
+            x = self._embed(token, i, cond if isinstance(cond, int) else cond[:, i:i + 1])  # (n, 1, C)
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache, i)
             token = draw(self.head(self.ln_f(x[:, -1])))  # (n, 1)

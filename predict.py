@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, stem
-from figures import save_code_histogram, save_comparison, save_image_grid
+from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, stem, volume_layout,
+                     volumes_of)
+from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
 from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
-                     prior_nll_bits)
-from modules import check_settings, code_counts, setting
+                     prior_nll_bits, ssim)
+from modules import PriorConfig, check_settings, code_counts, conditions, setting
 from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
                    load_vqvae, pick_device, run_main, settings_from, to_unit, write_csv, write_json, write_nifti_gz)
 
@@ -42,6 +43,12 @@ class PredictConfig:
     num_samples: int = setting(64, "slices to generate with the prior; 0: none", rule=">= 0")
     temperature: float = setting(1.0, "divides the prior's logits; < 1 is more conservative", rule="> 0")
     top_k: int = setting(0, "sample among the k most likely codes at each step; 0: all", rule=">= 0")
+    top_p: float = setting(1.0, "sample among the most likely codes whose probability adds up to top_p (nucleus "
+                           "sampling); 1: all", rule="in (0, 1]")
+    slice_position: int = setting(None, "generate the samples at this slice position of a volume (0 .. the "
+                                  "training volumes' last); None: at any", rule=">= 0")
+    num_volumes: int = setting(0, "whole volumes to generate, slice by slice, each slice given the previous one; "
+                               "0: none", rule=">= 0")
     seed: int = setting(0, "seeds the sampling", rule=">= 0")
     device: str = setting(None, "cuda, mps or cpu; None picks cuda, then mps, then cpu")
 
@@ -49,6 +56,8 @@ class PredictConfig:
         check_settings(self)
         if self.num_samples == 1:
             raise ValueError("num_samples must be 0 or at least 2 (FID needs a covariance), got 1")
+        if self.num_volumes and not self.num_samples:
+            raise ValueError("num_volumes needs num_samples >= 2: volumes are generated beside the samples")
 
 
 NUM_SHOWN = 4  # best and worst slices each in best_worst.png
@@ -105,20 +114,94 @@ def find_prior(args, vq_ckpt, ckpt_path):
             raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {ckpt_path}; {how}")
         print(f"no samples: {prior_path} learned the codes of the run's best.pt, not of {ckpt_path.name}")
         return None
+    check_condition(PriorConfig.from_dict(prior_ckpt["model_args"]), args, prior_path)
     return prior_ckpt, prior_path
 
 
+def sample_codes(prior, n, args, generator, position=None, previous=None):
+    """n code maps (n, h, w) from the prior with the sampling flags, SAMPLE_BATCH at a time; position
+    (n,) and previous (n, h, w) on the prior's device condition them (None: left out)."""
+    parts = []
+    for i in range(0, n, SAMPLE_BATCH):
+        part = slice(i, i + SAMPLE_BATCH)
+        cond = [None if c is None else c[part] for c in (position, previous)]
+        parts.append(prior.sample(len(range(n)[part]), args.temperature, args.top_k, generator, args.top_p, *cond))
+    return torch.cat(parts)
+
+
+def decode(model, codes, batch_size):
+    """code maps (N, h, w) -> images (N, 1, H, W) in [0, 1] on the CPU."""
+    return torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(batch_size)]).cpu()
+
+
+def check_condition(cfg, args, prior_path):
+    """Refuse, in one line, what the prior (its PriorConfig cfg) was not trained to do."""
+    if args.slice_position is not None:
+        if cfg.condition == "none" or not cfg.num_positions:
+            raise ProjectError(f"--slice_position needs a prior trained on slice positions, and {prior_path} was "
+                               + ("trained with --prior_condition none" if cfg.condition == "none" else
+                                  "trained on files whose names carry none (..._slice_N.nii.gz)")
+                               + "; drop --slice_position")
+        if args.slice_position >= cfg.num_positions:
+            raise ProjectError(f"--slice_position {args.slice_position} is outside the positions {prior_path} "
+                               f"learned (0 to {cfg.num_positions - 1}); pick one of those")
+    if args.num_volumes and (cfg.condition != "position+previous" or not cfg.num_positions):
+        raise ProjectError(f"--num_volumes needs a prior trained with --prior_condition position+previous on files "
+                           f"named ..._slice_N.nii.gz; {prior_path} was trained with {cfg.condition}"
+                           + ("" if cfg.num_positions else " and no slice positions")
+                           + "; drop --num_volumes or train such a prior")
+
+
+def position_error(found, asked):
+    """Mean absolute difference, in slices, between the positions asked for and those found."""
+    return (found - asked).abs().float().mean().item()
+
+
+def neighbour_ssim(images, previous):
+    """Mean SSIM between each slice and the previous slice of its volume: images (N, 1, H, W) in [0, 1],
+    previous (N,) the index of that slice (-1: none) -> (mean, number of pairs)."""
+    has = previous >= 0
+    pairs = ssim(images[has].float(), images[previous[has]].float())
+    return pairs.mean().item(), len(pairs)
+
+
+def generate_volumes(prior, model, args, generator, device):
+    """--num_volumes volumes (V, P, 1, H, W) in [0, 1]: slice p drawn at position p given the code map
+    of slice p - 1, P the positions the prior learned."""
+    V, P = args.num_volumes, prior.cfg.num_positions
+    maps, previous = [], None
+    for p in range(P):
+        previous = sample_codes(prior, V, args, generator, torch.full((V,), p, device=device), previous)
+        maps.append(previous)
+    codes = torch.stack(maps, 1)  # (V, P, h, w)
+    return decode(model, codes.flatten(0, 1), args.batch_size).unflatten(0, (V, P))
+
+
+def write_volumes(out_dir, volumes, affine, header):
+    """volumes (V, P, 1, H, W) -> volumes/volume_NNN.nii.gz, each (H, W, P) float32: the slices stacked
+    along the third axis of the training slices' affine, so the stack has their spacing."""
+    (out_dir / "volumes").mkdir(exist_ok=True)
+    for i, vol in enumerate(volumes):
+        data = vol[:, 0].permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, P)
+        img = nib.Nifti1Image(data, affine, None if header is None else header.copy())
+        img.header.set_data_dtype(np.float32)
+        write_nifti_gz(out_dir / "volumes" / f"volume_{i:03d}.nii.gz", img)
+
+
 def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device, precision):
-    """Sample --num_samples slices from the prior and measure them against the test split -> metrics."""
+    """Sample --num_samples slices (and --num_volumes volumes) from the prior and measure them against
+    the test split -> metrics."""
     prior = load_prior(prior_ckpt, prior_path, device)
+    P = prior.cfg.num_positions
+    position = None if args.slice_position is None else torch.full((args.num_samples,), args.slice_position,
+                                                                  device=device)
 
     # ---- sample and decode, timed (.cpu() waits for the device)
     g = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     with autocast_for(device, precision):
-        codes = torch.cat([prior.sample(min(SAMPLE_BATCH, args.num_samples - i), args.temperature, args.top_k, g)
-                           for i in range(0, args.num_samples, SAMPLE_BATCH)])  # (N, h, w)
-        samples = torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(args.batch_size)]).cpu()
+        codes = sample_codes(prior, args.num_samples, args, g, position)  # (N, h, w)
+        samples = decode(model, codes, args.batch_size)
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
@@ -129,9 +212,10 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
         img = nib.Nifti1Image(x[0].numpy().astype(np.float32), affine, header)
         img.header.set_data_dtype(np.float32)
         write_nifti_gz(out_dir / "samples" / f"sample_{i:03d}.nii.gz", img)
+    where = "any position" if args.slice_position is None else f"slice position {args.slice_position}"
     save_image_grid(out_dir / "samples_grid.png", samples,
-                    f"{len(samples)} generated slices (temperature {args.temperature}, top_k {args.top_k or 'all'}, "
-                    f"seed {args.seed})")
+                    f"{len(samples)} generated slices at {where} (temperature {args.temperature}, top_k "
+                    f"{args.top_k or 'all'}, top_p {args.top_p}, seed {args.seed})")
 
     # ---- metrics: each against the test split, beside the reconstructions and real train slices
     real = test_set.images.float()
@@ -170,7 +254,58 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
                     "real test slices (bottom)", ncols=k,
                     row_labels=["samples", "nearest train", "real test"])
+    gen.update(top_p=args.top_p, slice_position=args.slice_position, prior_condition=prior.cfg.condition)
+
+    # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
+    test_position, test_previous = volume_layout(test_set.files)
+    if P and (test_position >= 0).any():
+        gen["prior_test_conditioned_nll_bits"] = prior_nll_bits(
+            prior, test_res["indices"], args.batch_size, device, precision,
+            *conditions(test_res["indices"], test_position, test_previous, prior.cfg))
+        gen["position"] = measure_positions(prior, model, args, g, samples, real, test_position, device, precision)
+    if args.num_volumes:
+        with autocast_for(device, precision):
+            volumes = generate_volumes(prior, model, args, g, device)  # (V, P, 1, H, W)
+        write_volumes(out_dir, volumes, affine, header)
+        flat = volumes.flatten(0, 1)
+        chain = torch.arange(len(flat)) - 1
+        chain[::P] = -1  # the first slice of each volume has no previous one
+        real_ssim, real_pairs = neighbour_ssim(real, test_previous)
+        gen["volumes"] = {"num_volumes": args.num_volumes, "slices": P, "neighbour_ssim": neighbour_ssim(flat, chain)[0],
+                          "real_neighbour_ssim": real_ssim, "real_pairs": real_pairs}
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        vols = volumes_of(test_set.files)
+        first = next(iter(vols.values()), None)
+        shown_vols = [volumes[0, :, 0]] + ([real[first, 0]] if first else [])
+        save_orthogonal_cuts(out_dir / "volumes_orthogonal.png", shown_vols,
+                             ["generated volume 0"] + ([f"real test volume {next(iter(vols))}"] if first else []),
+                             spacing[2] / spacing[0],
+                             f"orthogonal cuts: generated (top) beside real (bottom); neighbouring-slice SSIM "
+                             f"{gen['volumes']['neighbour_ssim']:.3f} generated vs "
+                             f"{gen['volumes']['real_neighbour_ssim']:.3f} real")
     return gen
+
+
+def measure_positions(prior, model, args, generator, samples, real, test_position, device, precision):
+    """How near slices generated at a position lie to it: n samples asked at positions spread over
+    the volume, each placed at the position of its nearest real test slice by SSIM, against n
+    unconditional samples placed the same way (the baseline: a model that ignores the position) ->
+    their mean absolute errors in slices (and that of the samples at --slice_position)."""
+    n, P = args.num_samples, prior.cfg.num_positions
+    asked = torch.arange(n) * P // n  # (n,) spread evenly over 0 .. P-1
+    known = test_position >= 0
+    refs, ref_position = real[known], test_position[known]
+    with autocast_for(device, precision):
+        conditioned = decode(model, sample_codes(prior, n, args, generator, asked.to(device)), args.batch_size)
+        free = samples if args.slice_position is None else decode(model, sample_codes(prior, n, args, generator),
+                                                                  args.batch_size)
+    out = {"n": n, "num_positions": P, "reference": f"nearest of {len(refs)} test slices by SSIM",
+           "conditioned_mae": position_error(ref_position[max_ssim_to(conditioned, refs, device)[1]], asked),
+           "unconditional_mae": position_error(ref_position[max_ssim_to(free, refs, device)[1]], asked)}
+    if args.slice_position is not None:
+        found = ref_position[max_ssim_to(samples, refs, device)[1]]
+        out["slice_position_mae"] = position_error(found, torch.full_like(found, args.slice_position))
+    return out
 
 
 def main(args):
@@ -255,7 +390,19 @@ def print_generation(gen, out_dir):
           f"for samples vs {mem['test_max_ssim_to_train_mean']:.4f} for real test slices")
     print(f"  diversity: {div['samples_codebook_usage']:.1%} of the codebook used by {div['maps']} samples vs "
           f"{div['test_codebook_usage']:.1%} by {div['maps']} test slices")
+    if "position" in gen:
+        pos = gen["position"]
+        print(f"  position: {pos['n']} samples asked at positions spread over 0-{pos['num_positions'] - 1} lie "
+              f"{pos['conditioned_mae']:.2f} slices from them (nearest test slice by SSIM), unconditional ones "
+              f"{pos['unconditional_mae']:.2f}" + (f"; at --slice_position {gen['slice_position']}: "
+                                                   f"{pos['slice_position_mae']:.2f}" if "slice_position_mae" in pos else ""))
     print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
+    if "volumes" in gen:
+        vol = gen["volumes"]
+        print(f"  volumes: {vol['num_volumes']} of {vol['slices']} slices; neighbouring-slice SSIM "
+              f"{vol['neighbour_ssim']:.4f} vs {vol['real_neighbour_ssim']:.4f} between real test neighbours "
+              f"({vol['real_pairs']} pairs)")
+        print(f"wrote {out_dir}/volumes/volume_*.nii.gz and volumes_orthogonal.png")
 
 
 def get_parser():

@@ -20,7 +20,7 @@ import argparse
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,10 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import (augment, epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir,
-                     resolve_data_dir)
+                     resolve_data_dir, volume_layout)
 from figures import save_comparison, save_curves, save_image_grid
 from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, setting
+from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, conditions, setting
 from utils import (ProjectError, Writer, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
                    load_checkpoint, load_vqvae, make_checkpoint, new_run_dir, pick_device, run_main,
                    save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_unit, uses_bf16, write_csv,
@@ -43,7 +43,8 @@ from utils import (ProjectError, Writer, add_settings, autocast_for, configure_b
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
-PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "seconds"]
+PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "val_conditioned_nll_bits", "seconds"]
+GIVEN = {"position": "the position", "position+previous": "the position and previous slice"}
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 
 
@@ -101,6 +102,12 @@ class PriorTrainConfig:
     lr: float = setting(2e-3, "AdamW learning rate of the prior", rule="> 0")
     weight_decay: float = setting(0.01, "AdamW weight decay of the prior", rule=">= 0")
     num_samples: int = setting(16, "samples in each epoch's grid", rule=">= 1")
+    position_drop: float = setting(0.1, "probability of training a code map without its slice position, so the "
+                                   "prior also samples without one", rule="in [0, 1]")
+    previous_drop: float = setting(0.5, "probability of training a code map without the previous slice's, so the "
+                                   "prior also samples single slices and first slices", rule="in [0, 1]")
+    aug_flip: float = setting(0.0, "probability of training on the codes of a left-right flipped slice (and its "
+                              "previous slice, flipped with it) instead", rule="in [0, 1]")
 
     def __post_init__(self):
         check_settings(self)
@@ -201,7 +208,7 @@ def resume_prior(run, ckpt, path, typed):
     """The run with the settings of the prior under way in `path` (--prior_epochs extends it); a prior
     flag typed now that differs from the prior's is refused by name."""
     old = {**{k: v for k, v in ckpt["config"].items() if k in prior_flag_names()},
-           **flags_of(PriorConfig(**ckpt["model_args"]), "prior_")}
+           **flags_of(PriorConfig.from_dict(ckpt["model_args"]), "prior_")}
     refuse_changes(old, {k: v for k, v in typed.items() if k in old}, ("prior_epochs",),
                    f"cannot resume the prior in {path}: it was made with",
                    f"drop those flags to resume it, or delete {path.parent}/prior_*.pt to train a new prior")
@@ -450,12 +457,21 @@ def train_prior(run, run_dir, typed=None):
             f"{retired}, training a new prior")
     vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
 
-    # ---- data: every slice encoded once, the prior never sees an image
+    # ---- data: every slice encoded once (and flipped, for --prior_aug_flip), the prior never sees an
+    # image; each map's position and previous slice from the file names
     data_dir = recorded_data_dir(vq_ckpt["config"], vq_path)
-    codes = {split: encode_split(vqvae, place(load_split(data_dir, split, vqvae.cfg.image_size), device),
-                                 device, args.batch_size, precision)
-             for split in ("train", "validate")}  # (N, h, w) long each, on the device
+    sets = {split: load_split(data_dir, split, vqvae.cfg.image_size) for split in ("train", "validate")}
+    images = {split: place(s, device) for split, s in sets.items()}
+    codes = {split: encode_split(vqvae, x, device, args.batch_size, precision)
+             for split, x in images.items()}  # (N, h, w) long each, on the device
+    if args.aug_flip:
+        codes["flipped"] = encode_split(vqvae, images["train"].flip(2), device, args.batch_size, precision)
+    del images
+    layout = {split: [t.to(device) for t in volume_layout(s.files)] for split, s in sets.items()}
     n_train = len(codes["train"])
+    if cfg.condition != "none":  # positions seen in training; others (and names without one) go unconditioned
+        cfg = replace(cfg, num_positions=int(layout["train"][0].max()) + 1)
+    val_cond = conditions(codes["validate"], *layout["validate"], cfg)
     config = {k: v for k, v in run.flags().items() if k in prior_flag_names()}
     config.update(seed=run.train.seed, device=str(device), vqvae_checkpoint=str(vq_path))
     write_json(run_dir / "prior_config.json", config)
@@ -464,7 +480,8 @@ def train_prior(run, run_dir, typed=None):
     prior = build_prior(cfg).to(device)
     log(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, {cfg.arch} over "
         f"{cfg.latent_h}x{cfg.latent_w} = {cfg.latent_h * cfg.latent_w} codes; {n_train} train / "
-        f"{len(codes['validate'])} validation code maps")
+        f"{len(codes['validate'])} validation code maps; conditioned on {cfg.condition}"
+        + (f" ({cfg.num_positions} slice positions)" if cfg.condition != "none" else ""))
 
     # ---- optimizer
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -476,6 +493,7 @@ def train_prior(run, run_dir, typed=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], device)  # the batch order is a function of (seed, epoch)
         start_epoch, best_val, rows = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]["rows"]
+        rows = [r if len(r) == len(PRIOR_METRICS) else r[:3] + r[2:] for r in rows]  # before the conditioned NLL
         log(f"resumed the prior in {run_dir} after epoch {ckpt['epoch']} "
             f"(best validation NLL {best_val:.4f} bits per code)")
 
@@ -484,10 +502,12 @@ def train_prior(run, run_dir, typed=None):
         t0 = time.time()
         prior.train()
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        g = torch.Generator(device).manual_seed(run.train.seed * 100_003 + epoch)  # the drops: resumable
         for idx in tqdm(epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device),
                         desc=f"prior epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True):
+            batch = prior_batch(codes, layout["train"], idx, cfg, args, g)
             with autocast_for(device, precision):
-                nll = prior.nll(codes["train"][idx])  # (B,) nats per code
+                nll = prior.nll(*batch)  # (B,) nats per code
             loss = nll.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -497,11 +517,14 @@ def train_prior(run, run_dir, typed=None):
         if not math.isfinite(train_bits):
             raise ProjectError(f"prior training NLL is {train_bits} at epoch {epoch}; stopped before it "
                                f"reached a checkpoint (last good: {last_path}); try a lower --prior_lr")
+        # Chosen by the unconditional NLL: the samples' (and comparable with unconditional priors).
         val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device, precision)
         if not math.isfinite(val_bits):
             raise ProjectError(f"prior validation NLL is {val_bits} after epoch {epoch}; stopped without "
                                f"saving it (last good: {last_path}); try a lower --prior_lr")
-        rows.append([epoch, train_bits, val_bits, time.time() - t0])
+        cond_bits = (prior_nll_bits(prior, codes["validate"], args.batch_size, device, precision, *val_cond)
+                     if cfg.condition != "none" else val_bits)
+        rows.append([epoch, train_bits, val_bits, cond_bits, time.time() - t0])
 
         # The same seed every epoch, so the grids show the prior changing, not the draw.
         g = torch.Generator(device).manual_seed(run.train.seed)
@@ -519,11 +542,14 @@ def train_prior(run, run_dir, typed=None):
         if improved:
             save_checkpoint(run_dir / "prior_best.pt", ckpt)
         save_checkpoint(last_path, ckpt)
-        log(f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL {val_bits:.4f} bits per code | "
-            f"{rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
+        log(f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL {val_bits:.4f} bits per code"
+            + (f" ({cond_bits:.4f} given {GIVEN[cfg.condition]})" if cfg.condition != "none" else "")
+            + f" | {rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
 
-    curves = {name: [r[PRIOR_METRICS.index(col)] for r in rows]
-              for name, col in (("train", "train_nll_bits"), ("validation", "val_nll_bits"))}
+    columns = [("train", "train_nll_bits"), ("validation", "val_nll_bits")]
+    if cfg.condition != "none":
+        columns.append((f"validation, given {GIVEN[cfg.condition]}", "val_conditioned_nll_bits"))
+    curves = {name: [r[PRIOR_METRICS.index(col)] for r in rows] for name, col in columns}
     save_curves(run_dir / "prior_nll_per_epoch.png", curves, "epoch", "NLL (bits per code)",
                 f"prior NLL per epoch ({cfg.num_embeddings} codes: {math.log2(cfg.num_embeddings):.0f} bits "
                 f"is uniform)")
@@ -531,6 +557,32 @@ def train_prior(run, run_dir, typed=None):
 
 
 # ----------------------------------------------------------------------------- pieces
+
+def prior_batch(codes, layout, idx, cfg, args, generator):
+    """A training batch for the prior -> (indices (B, h, w), position (B,) or None, previous (B, h, w)
+    or None), as AutoregressivePrior.nll takes them. codes: the train split's maps (N, h, w) under
+    "train" (and "flipped", those of the flipped slices); layout: their (position, previous index)
+    (dataset.volume_layout). A map and its previous map are swapped for their flipped slices' with
+    probability --prior_aug_flip; its position and previous map are left out with probability
+    --prior_position_drop and --prior_previous_drop (and where the data has none). Draws from
+    `generator` (on the device), so a resumed prior draws the same."""
+    def chance(p):
+        return torch.rand(len(idx), generator=generator, device=idx.device) < p
+    flip = chance(args.aug_flip) if args.aug_flip else None
+
+    def maps(i):  # the code maps i (B,), those of the flipped slices where flip says so
+        m = codes["train"][i]
+        return m if flip is None else torch.where(flip[:, None, None], codes["flipped"][i], m)
+    x = maps(idx)
+    if cfg.condition == "none":
+        return x, None, None
+    position, previous = (t[idx] for t in layout)
+    known = (position >= 0) & ~chance(args.position_drop)
+    has = (previous >= 0) & ~chance(args.previous_drop)
+    position = torch.where(known, position, cfg.num_positions)
+    previous = torch.where(has[:, None, None], maps(previous.clamp_min(0)), cfg.num_embeddings)
+    return x, position, previous if cfg.condition == "position+previous" else None
+
 
 def lr_at(step, args, total_steps):
     """Learning rate for optimizer step `step` (0-based): constant as in the seed, or linear warm-up

@@ -350,7 +350,7 @@ def load_vqvae(ckpt, path, device):
 
 def load_prior(ckpt, path, device):
     """Rebuild the code prior of a prior checkpoint from its model_args alone, in eval mode."""
-    return _rebuild(build_prior, lambda args: PriorConfig(**args), ckpt, path, device)
+    return _rebuild(build_prior, PriorConfig.from_dict, ckpt, path, device)
 
 
 def fingerprint(state_dict):
