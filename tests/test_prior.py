@@ -90,3 +90,85 @@ def test_prior_rejects_bad_shapes():
         build_prior(PriorConfig(**{**TINY_PRIOR, "arch": "pixelcnn", "kernel_size": 4}))
     with pytest.raises(ValueError, match="temperature"):
         tiny_prior().sample(1, temperature=0)
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+COND = dict(condition="position+previous", num_positions=5)
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_a_changed_position_or_previous_map_changes_the_logits(arch):
+    prior = tiny_prior(arch=arch, **COND)
+    codes = torch.randint(16, (2, 4, 3))
+    previous = torch.randint(16, (2, 4, 3))
+    base = prior(codes, torch.tensor([1, 3]), previous)
+    assert not torch.allclose(base, prior(codes, torch.tensor([2, 0]), previous))
+    assert not torch.allclose(base, prior(codes, torch.tensor([1, 3]), (previous + 1) % 16))
+    # Left out (None) is the "none" entry of each table, not the same as some position or map.
+    assert torch.equal(prior(codes), prior(codes, torch.tensor([5, 5]), torch.full_like(codes, 16)))
+    assert not torch.allclose(prior(codes), base)
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("i", [0, 4, 11])
+def test_prior_is_causal_given_the_position_and_previous_map(arch, i):
+    """With the condition fixed, a change of the code at position i changes no logit at positions
+    <= i; the previous map is known in full, so a change anywhere in it may reach the first logit."""
+    prior = tiny_prior(arch=arch, **COND)
+    codes, previous, position = torch.randint(16, (2, 4, 3)), torch.randint(16, (2, 4, 3)), torch.tensor([0, 4])
+    changed = codes.clone().flatten(1)
+    changed[:, i] = (changed[:, i] + 1) % 16
+    a, b = prior(codes, position, previous), prior(changed.view(2, 4, 3), position, previous)
+    assert torch.equal(a[:, :i + 1], b[:, :i + 1])
+    if i < 11:
+        assert not torch.allclose(a[:, i + 1:], b[:, i + 1:])
+    later = previous.clone()
+    later[:, 1, 1] = (later[:, 1, 1] + 1) % 16  # raster position 4, beside position 0's neighbours
+    assert not torch.allclose(prior(codes, position, later)[:, 4], a[:, 4])
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_conditioned_greedy_sampling_matches_the_full_forward(arch):
+    prior = tiny_prior(arch=arch, **COND)
+    position, previous = torch.tensor([0, 2, 4]), torch.randint(16, (3, 4, 3))
+    codes = prior.sample(3, top_k=1, generator=torch.Generator().manual_seed(0), position=position, previous=previous)
+    assert torch.equal(prior(codes, position, previous).argmax(-1), codes.flatten(1))
+
+
+def test_top_p_keeps_the_nucleus():
+    """top_p draws only among the most likely codes whose mass reaches top_p: a tiny top_p is greedy,
+    top_p = 1 leaves the distribution whole."""
+    from modules import _draw
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (_draw(logits, 1.0, 0, g, top_p=0.01) == 0).all()
+    drawn = _draw(logits, 1.0, 0, g, top_p=0.75)[:, 0]  # 0.5 + 0.3 reaches 0.75: codes 0 and 1 only
+    assert set(drawn.tolist()) == {0, 1}
+    assert (drawn == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert set(_draw(logits, 1.0, 0, g, top_p=1.0)[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+def test_conditions_leave_out_what_the_data_lacks():
+    from modules import conditions
+    cfg = PriorConfig(**{**TINY_PRIOR, **COND})
+    codes = torch.randint(16, (4, 4, 3))
+    position, previous = conditions(codes, torch.tensor([0, 1, -1, 7]), torch.tensor([-1, 0, 1, -1]), cfg)
+    assert position.tolist() == [0, 1, 5, 5]  # no position, or one beyond training's: "none"
+    assert (previous[0] == 16).all() and torch.equal(previous[1], codes[0]) and torch.equal(previous[2], codes[1])
+
+
+def test_prior_batch_drops_and_flips_at_its_rates():
+    from train import PriorTrainConfig, prior_batch
+    cfg = PriorConfig(**{**TINY_PRIOR, **COND})
+    n = 4000
+    codes = {"train": torch.zeros(n, 4, 3, dtype=torch.long), "flipped": torch.ones(n, 4, 3, dtype=torch.long)}
+    layout = (torch.arange(n) % 5, torch.arange(n) - 1)  # every map has a position and (but the first) a previous
+    args = PriorTrainConfig(position_drop=0.1, previous_drop=0.5, aug_flip=0.3)
+    x, position, previous = prior_batch(codes, layout, torch.arange(n), cfg, args, torch.Generator().manual_seed(0))
+    assert (x[:, 0, 0] == 1).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    assert (position == 5).float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert (previous[:, 0, 0] == 16).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    kept = previous[:, 0, 0] != 16
+    # A map and its previous map are flipped together.
+    assert torch.equal(previous[kept][:, 0, 0], x[kept][:, 0, 0])
