@@ -756,20 +756,35 @@ class AutoregressivePrior(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None):
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None,
+               guidance=1.0):
         """n code maps (n, h, w) drawn code by code from p(z_i | z_<i, c) / temperature, keeping only the
         top_k most likely codes (top_k > 0) and the top_p nucleus (top_p < 1) at each step, in eval
-        mode. position (n,) and previous (n, h, w) condition the draw (None: left out). `generator` (on
-        the model's device) seeds the draws."""
+        mode. position (n,) and previous (n, h, w) condition the draw (None: left out). guidance != 1
+        with a position is classifier-free guidance (Ho and Salimans 2022) on it: the logits
+        l_free + guidance * (l_position - l_free), l_free those without the position (the previous
+        map, if any, in both). `generator` (on the model's device) seeds the draws."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         was_training = self.training
         self.eval()
-        cond = self.cond(n, position, previous)
-        codes = self._sample_codes(n, lambda logits: _draw(logits, temperature, top_k, generator, top_p), cond,
-                                   position, previous)
+
+        def draw(logits):  # (n, K) -> (n, 1)
+            return _draw(logits, temperature, top_k, generator, top_p)
+        m = n
+        if guidance != 1 and position is not None:
+            # Both halves in one batch, each drawing the code the guided logits choose.
+            m, free = 2 * n, torch.full_like(position, self.cfg.num_positions)
+            position = torch.cat([position, free])
+            previous = None if previous is None else torch.cat([previous, previous])
+            plain = draw
+
+            def draw(logits):
+                cond, uncond = logits.float().chunk(2)
+                return plain(uncond + guidance * (cond - uncond)).repeat(2, 1)
+        codes = self._sample_codes(m, draw, self.cond(m, position, previous), position, previous)[:n]
         self.train(was_training)
         return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
 

@@ -1,6 +1,7 @@
 """Reconstruct the test split with the best checkpoint, report SSIM and PSNR, and generate new slices.
 
 Usage: python predict.py [--checkpoint runs/NNN/best.pt] [--num_samples 64] [--temperature 1.0] [--top_k 0]
+                         [--top_p 1.0] [--slice_position K] [--num_volumes N]
 
 Defaults: the newest run's best.pt, its prior_best.pt, the data that run was trained on, and
 RUN_DIR/predict/. Writes metrics.json (SSIM, PSNR, codebook usage and perplexity), per_slice.csv,
@@ -10,6 +11,11 @@ With a prior, it also samples --num_samples code maps, decodes them and writes s
 samples_vs_real.png and samples/sample_NNN.nii.gz, and adds the generation metrics to metrics.json:
 the prior's test NLL, FID and KID (samples, reconstructions and real train slices, each against the
 test split), memorisation (each sample's highest SSIM to any training slice) and code diversity.
+With a prior trained on slice positions (the release's file names carry them: ..._slice_17.nii.gz) it
+also measures how near samples asked at a position lie to it (the position of the nearest real test
+slice), against unconditional samples; --slice_position K generates the samples at position K, and
+--num_volumes N writes N whole volumes (volumes/volume_NNN.nii.gz, one slice per position, each drawn
+given the previous one) with their neighbouring-slice SSIM and volumes_orthogonal.png.
 """
 import argparse
 import textwrap
@@ -47,6 +53,8 @@ class PredictConfig:
                            "sampling); 1: all", rule="in (0, 1]")
     slice_position: int = setting(None, "generate the samples at this slice position of a volume (0 .. the "
                                   "training volumes' last); None: at any", rule=">= 0")
+    guidance: float = setting(1.0, "classifier-free guidance on the slice position: > 1 holds samples closer to "
+                              "it (and to the typical slice there); 1: none", rule=">= 0")
     num_volumes: int = setting(0, "whole volumes to generate, slice by slice, each slice given the previous one; "
                                "0: none", rule=">= 0")
     seed: int = setting(0, "seeds the sampling", rule=">= 0")
@@ -125,7 +133,8 @@ def sample_codes(prior, n, args, generator, position=None, previous=None):
     for i in range(0, n, SAMPLE_BATCH):
         part = slice(i, i + SAMPLE_BATCH)
         cond = [None if c is None else c[part] for c in (position, previous)]
-        parts.append(prior.sample(len(range(n)[part]), args.temperature, args.top_k, generator, args.top_p, *cond))
+        parts.append(prior.sample(len(range(n)[part]), args.temperature, args.top_k, generator, args.top_p, *cond,
+                                  guidance=args.guidance))
     return torch.cat(parts)
 
 
@@ -254,7 +263,7 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
                     "real test slices (bottom)", ncols=k,
                     row_labels=["samples", "nearest train", "real test"])
-    gen.update(top_p=args.top_p, slice_position=args.slice_position, prior_condition=prior.cfg.condition)
+    gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position, prior_condition=prior.cfg.condition)
 
     # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
     test_position, test_previous = volume_layout(test_set.files)

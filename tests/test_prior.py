@@ -172,3 +172,18 @@ def test_prior_batch_drops_and_flips_at_its_rates():
     kept = previous[:, 0, 0] != 16
     # A map and its previous map are flipped together.
     assert torch.equal(previous[kept][:, 0, 0], x[kept][:, 0, 0])
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_guided_greedy_sampling_takes_the_guided_argmax(arch):
+    """Classifier-free guidance: each code is the argmax of l_free + w (l_position - l_free), both
+    logits of the map drawn so far (the previous map in both)."""
+    prior = tiny_prior(arch=arch, **COND)
+    position, previous = torch.tensor([1, 3]), torch.randint(16, (2, 4, 3))
+    codes = prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0), position=position,
+                         previous=previous, guidance=3.0)
+    cond, free = prior(codes, position, previous), prior(codes, None, previous)
+    assert torch.equal((free + 3.0 * (cond - free)).argmax(-1), codes.flatten(1))
+    plain = prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0), position=position, previous=previous)
+    assert torch.equal(plain, prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0), position=position,
+                                           previous=previous, guidance=1.0))
