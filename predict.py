@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, stem, volume_layout,
-                     volumes_of)
+from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, slice_position, stem,
+                     volume_layout, volumes_of)
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
 from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
                      prior_nll_bits, ssim)
@@ -271,7 +271,8 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
         gen["prior_test_conditioned_nll_bits"] = prior_nll_bits(
             prior, test_res["indices"], args.batch_size, device, precision,
             *conditions(test_res["indices"], test_position, test_previous, prior.cfg))
-        gen["position"] = measure_positions(prior, model, args, g, samples, real, test_position, device, precision)
+        gen["position"] = measure_positions(prior, model, args, g, samples, real, test_set.files, test_position,
+                                           device, precision)
     if args.num_volumes:
         with autocast_for(device, precision):
             volumes = generate_volumes(prior, model, args, g, device)  # (V, P, 1, H, W)
@@ -295,11 +296,12 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     return gen
 
 
-def measure_positions(prior, model, args, generator, samples, real, test_position, device, precision):
+def measure_positions(prior, model, args, generator, samples, real, files, test_position, device, precision):
     """How near slices generated at a position lie to it: n samples asked at positions spread over
     the volume, each placed at the position of its nearest real test slice by SSIM, against n
     unconditional samples placed the same way (the baseline: a model that ignores the position) ->
-    their mean absolute errors in slices (and that of the samples at --slice_position)."""
+    their mean absolute errors in slices (and that of the samples at --slice_position, and that of
+    real test slices placed the same way among the other test volumes)."""
     n, P = args.num_samples, prior.cfg.num_positions
     asked = torch.arange(n) * P // n  # (n,) spread evenly over 0 .. P-1
     known = test_position >= 0
@@ -314,6 +316,14 @@ def measure_positions(prior, model, args, generator, samples, real, test_positio
     if args.slice_position is not None:
         found = ref_position[max_ssim_to(samples, refs, device)[1]]
         out["slice_position_mae"] = position_error(found, torch.full_like(found, args.slice_position))
+    # What real slices score by the same method: each test slice placed by its nearest slice of the
+    # other test volumes (the floor of this measure: anatomy differs from patient to patient).
+    names = [slice_position(f)[0] for f, k in zip(files, known.tolist()) if k]
+    volume = torch.tensor([sorted(set(names)).index(v) for v in names])
+    found = [ref_position[volume != v][max_ssim_to(refs[i:i + 1], refs[volume != v], device)[1]]
+             for i, v in enumerate(volume.tolist())] if len(volume.unique()) > 1 else []
+    if found:
+        out["real_mae"] = position_error(torch.cat(found), ref_position)
     return out
 
 
@@ -404,7 +414,8 @@ def print_generation(gen, out_dir):
         print(f"  position: {pos['n']} samples asked at positions spread over 0-{pos['num_positions'] - 1} lie "
               f"{pos['conditioned_mae']:.2f} slices from them (nearest test slice by SSIM), unconditional ones "
               f"{pos['unconditional_mae']:.2f}" + (f"; at --slice_position {gen['slice_position']}: "
-                                                   f"{pos['slice_position_mae']:.2f}" if "slice_position_mae" in pos else ""))
+                                                   f"{pos['slice_position_mae']:.2f}" if "slice_position_mae" in pos else "")
+              + (f"; real test slices {pos['real_mae']:.2f}" if "real_mae" in pos else ""))
     print(f"wrote {out_dir}/samples_grid.png, samples_vs_real.png and samples/*.nii.gz")
     if "volumes" in gen:
         vol = gen["volumes"]
