@@ -580,6 +580,61 @@ class VQVAE(nn.Module):
         return self.decoder(self.vq.embed(indices))
 
 
+# ----------------------------------------------------------------------------- adversarial decoder
+
+def patch_shape(image_size, n_layers):
+    """(H, W) -> (h', w') of PatchDiscriminator's logit map: each of the n_layers stride-2 4x4 convs
+    (padding 1) halves a side (rounding down), the two stride-1 4x4 convs take 1 off it each; a side
+    below 1 means the image is too small for n_layers."""
+    sides = []
+    for s in image_size:
+        for _ in range(n_layers):
+            s = (s + 2 - 4) // 2 + 1
+        sides.append(s - 2)
+    return tuple(sides)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN of pix2pix (Isola et al. 2017) as taming-transformers' NLayerDiscriminator (Esser et al.
+    2021): x (B, C, H, W) in [-1, 1] -> (B, 1, h', w') logits (patch_shape), one per overlapping patch
+    (70x70 pixels with n_layers 3): real (> 0) or made by the decoder (< 0).
+
+    4x4 convs with LeakyReLU 0.2: the first n_layers of stride 2 (channels, 2x, 4x, ... up to 8x), then
+    one of stride 1 and the stride-1 conv to one logit map. GroupNorm, not taming's BatchNorm: the
+    real and the decoded batches pass through separately, and with batch statistics each would be
+    normalised by its own, which lets the discriminator tell them apart by the batch rather than by
+    the slice (and a small CPU batch makes the statistics noisy); GroupNorm treats every slice alone,
+    the same in train and eval mode, as the project's other norms (_norm)."""
+
+    def __init__(self, in_channels=1, channels=64, n_layers=3):
+        super().__init__()
+        # The first conv has no norm (pix2pix); a conv followed by a norm has no bias (the norm's is it).
+        layers = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c = channels
+        for n in range(1, n_layers + 1):
+            c_out = channels * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last of them keeps the size (and widens the patch)
+            layers += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False), _norm(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        """As taming's weights_init (after DCGAN, Radford et al. 2016): conv weights N(0, 0.02) (their
+        biases keep torch's init), norm scales N(1, 0.02) and shifts 0."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        return self.net(x)  # (B, 1, h', w'), h', w' = patch_shape((H, W), n_layers)
+
+
 # ----------------------------------------------------------------------------- prior over code maps
 
 PRIOR_ARCHS = ("transformer", "pixelcnn")

@@ -2,6 +2,7 @@
 
 Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--ema] ...
        python train.py --stage prior --resume runs/NNN   (a prior for an existing VQ-VAE run)
+       python train.py --stage gan --resume runs/NNN --gan_epochs 10   (an adversarial decoder for it)
 
 Stage 1 (VQ-VAE) writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt,
 metrics.csv, best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png,
@@ -11,12 +12,18 @@ autoregressive prior on those code maps, in the same folder: prior_config.json, 
 prior_best.pt (lowest validation NLL), prior_last.pt, prior_epoch_NNN_samples.png and
 prior_nll_per_epoch.png. A prior that no longer fits the run's best.pt (the VQ-VAE was extended since)
 is moved to prior_old_N/ and a new one is trained.
+With --gan_epochs N, between the two, a copy of best.pt's decoder is trained adversarially (VQGAN-style:
+realistic rather than SSIM-optimal slices) on the codes of the frozen best.pt, which stays as it is, so
+the prior's codes do not change: gan_config.json, gan_metrics.csv, gan_epoch_NNN_comparison.png,
+decoder_gan_last.pt and decoder_gan.pt (its last epoch).
 
-Every setting is a field of one of the configs below (TrainConfig, PriorTrainConfig here; VQVAEConfig
-and PriorConfig in modules.py) with its default, help text and allowed range; the flags are made from
-them, and a run's checkpoint holds them (config, model_args), from which a resumed run is rebuilt.
+Every setting is a field of one of the configs below (TrainConfig, PriorTrainConfig and GanTrainConfig
+here; VQVAEConfig and PriorConfig in modules.py) with its default, help text and allowed range; the flags
+are made from them, and a run's checkpoint holds them (config, model_args), from which a resumed run is
+rebuilt.
 """
 import argparse
+import copy
 import math
 import os
 import time
@@ -33,12 +40,14 @@ from tqdm import tqdm
 from dataset import (augment, epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir,
                      resolve_data_dir, volume_layout)
 from figures import save_comparison, save_curves, save_image_grid
-from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, ssim)
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior, check_settings, conditions, setting
+from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, psnr,
+                     ssim)
+from modules import (VQVAE, PatchDiscriminator, PriorConfig, VQVAEConfig, build_prior, check_settings, conditions,
+                     patch_shape, setting)
 from utils import (ProjectError, Writer, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
                    load_checkpoint, load_vqvae, make_checkpoint, new_run_dir, pick_device, run_main,
-                   save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_unit, uses_bf16, write_csv,
-                   write_json)
+                   save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_model, to_unit,
+                   uses_bf16, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
@@ -87,8 +96,9 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the VQ-VAE's training step")
     resume: str = setting(None, "continue the run in RUN_DIR (or from a checkpoint file) where it stopped",
                           metavar="RUN_DIR")
-    stage: str = setting("all", "all: the VQ-VAE, then the prior; prior: only the prior, for the run named by "
-                         "--resume", choices=("all", "vqvae", "prior"))
+    stage: str = setting("all", "all: the VQ-VAE, the adversarial decoder (with --gan_epochs) and the prior; "
+                         "gan or prior: only that, for the run named by --resume",
+                         choices=("all", "vqvae", "gan", "prior"))
 
     def __post_init__(self):
         check_settings(self)
@@ -113,11 +123,32 @@ class PriorTrainConfig:
         check_settings(self)
 
 
+@dataclass
+class GanTrainConfig:
+    """The optional adversarial decoder (VQGAN, Esser et al. 2021): a copy of best.pt's decoder trained
+    on the frozen codes with a PatchGAN discriminator (each field is a flag gan_<field>)."""
+    epochs: int = setting(0, "passes over the training codes; 0: no adversarial decoder", rule=">= 0")
+    batch_size: int = setting(32, "code maps (and real slices) per step", rule=">= 1")
+    lr: float = setting(1e-4, "Adam learning rate of the decoder and the discriminator (betas 0.5, 0.9 as "
+                        "taming-transformers)", rule="> 0")
+    disc_weight: float = setting(0.8, "weight of the adaptive-weighted adversarial term (taming's VQGAN "
+                                 "configs: 0.8)", rule=">= 0")
+    disc_start: int = setting(200, "steps in which only the discriminator learns to tell reconstructions from "
+                              "slices, while the decoder trains on the reconstruction loss alone", rule=">= 0")
+    disc_channels: int = setting(64, "channels of the discriminator's first conv (doubled per layer, at most 8x)",
+                                 rule=">= 1")
+    disc_layers: int = setting(3, "stride-2 convs of the discriminator (3: 70x70-pixel patches)", rule="in [1, 12]")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
 # (attribute, config, flag prefix): every setting of a run, in the order --help lists them
 SECTIONS = (("train", TrainConfig, ""), ("model", VQVAEConfig, ""), ("prior_train", PriorTrainConfig, "prior_"),
-            ("prior", PriorConfig, "prior_"))
+            ("prior", PriorConfig, "prior_"), ("gan", GanTrainConfig, "gan_"))
 # What a resumed run may change: how it goes on, not what it is (--epochs extends it). The prior's
-# flags may change too until the prior has started; after that its own checkpoint rules them.
+# and the adversarial decoder's flags may change too until that stage has started; after that its
+# own checkpoint rules them.
 RESUMABLE = ("resume", "epochs", "device", "precision", "compile", "stage")
 
 
@@ -128,6 +159,7 @@ class RunConfig:
     model: VQVAEConfig
     prior_train: PriorTrainConfig
     prior: PriorConfig  # its code-map size and codes are the VQ-VAE's (PriorConfig.for_vqvae)
+    gan: GanTrainConfig
 
     @classmethod
     def from_flags(cls, flags):
@@ -146,7 +178,17 @@ class RunConfig:
 
 def prior_flag_names():
     """The flags of the prior's two sections: free on resume until the prior has started."""
-    return [n for _, config, prefix in SECTIONS[2:] for n in setting_names(config, prefix)]
+    return section_flag_names("prior_train", "prior")
+
+
+def gan_flag_names():
+    """The flags of the adversarial decoder: free on resume until it has started."""
+    return section_flag_names("gan")
+
+
+def section_flag_names(*names):
+    """The flags of the SECTIONS called `names`."""
+    return [n for name, config, prefix in SECTIONS if name in names for n in setting_names(config, prefix)]
 
 
 def get_parser():
@@ -172,7 +214,8 @@ def refuse_changes(old, typed, free, what, fix):
 
 def resume_run(flags):
     """--resume RUN_DIR or CHECKPOINT -> (checkpoint, the run's RunConfig rebuilt from it). Of the flags
-    typed now, only RESUMABLE and the prior's may differ from the run's; any other is refused by name."""
+    typed now, only RESUMABLE, the prior's and the adversarial decoder's may differ from the run's; any
+    other is refused by name."""
     path = Path(flags["resume"])
     path = path / "last.pt" if path.is_dir() else path
     ckpt = load_checkpoint(path)
@@ -185,7 +228,8 @@ def resume_run(flags):
     defaults = RunConfig.from_flags({}).flags()
     old = {**defaults, **{k: v for k, v in ckpt["config"].items() if k in defaults},
            **flags_of(VQVAEConfig.from_dict(ckpt["model_args"])), "out_dir": str(path.parent)}
-    refuse_changes(old, flags, RESUMABLE + tuple(prior_flag_names()), f"cannot resume {path}: the run was made with",
+    refuse_changes(old, flags, RESUMABLE + tuple(prior_flag_names() + gan_flag_names()),
+                   f"cannot resume {path}: the run was made with",
                    "drop those flags to resume it, or start a new run without --resume")
     epochs = flags.get("epochs", old["epochs"])
     if old["lr_schedule"] == "cosine" and epochs != old["epochs"]:
@@ -232,17 +276,23 @@ def check_run(run, world_size):
 # ----------------------------------------------------------------------------- stages
 
 def main(args):
-    """Stage 1, the VQ-VAE, then stage 2, the prior over its codes (--stage picks one). args holds
-    only the flags typed; every other setting takes its default, or on resume the run's own."""
+    """Stage 1, the VQ-VAE, then with --gan_epochs the adversarial decoder, then stage 2, the prior over
+    the codes (--stage picks one). args holds only the flags typed; every other setting takes its
+    default, or on resume the run's own."""
     flags = vars(args)
     ckpt, run = resume_run(flags) if flags.get("resume") else (None, RunConfig.from_flags(flags))
-    if run.train.stage == "prior":
+    stage = run.train.stage
+    if stage == "all" and run.gan.epochs and not ckpt:
+        check_gan(run)  # before stage 1, not after it has run (on resume: against the decoder under way)
+    if stage in ("prior", "gan"):
+        the, a = {"prior": ("the prior", "a prior"),
+                  "gan": ("the adversarial decoder", "an adversarial decoder")}[stage]
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise ProjectError("the prior trains in one process: run --stage prior with python, not torchrun")
+            raise ProjectError(f"{the} trains in one process: run --stage {stage} with python, not torchrun")
         if not ckpt:
-            raise ProjectError("--stage prior trains a prior for an existing VQ-VAE run: name the run "
-                               "with --resume runs/NNN")
-        train_prior(run, Path(run.train.out_dir), flags)
+            raise ProjectError(f"--stage {stage} trains {a} for an existing VQ-VAE run: name the run with "
+                               f"--resume runs/NNN")
+        (train_prior if stage == "prior" else train_gan)(run, Path(run.train.out_dir), flags)
         return
     rank, world_size = init_distributed(run.train.device)
     try:
@@ -250,7 +300,9 @@ def main(args):
     finally:
         if world_size > 1:
             dist.destroy_process_group()
-    if run.train.stage == "all" and rank == 0:  # the prior is small: rank 0 trains it alone
+    if stage == "all" and rank == 0:  # the decoder and the prior are small: rank 0 trains them alone
+        if run.gan.epochs:
+            train_gan(run, run_dir, flags)
         train_prior(run, run_dir, flags)
 
 
@@ -554,6 +606,262 @@ def train_prior(run, run_dir, typed=None):
                 f"prior NLL per epoch ({cfg.num_embeddings} codes: {math.log2(cfg.num_embeddings):.0f} bits "
                 f"is uniform)")
     log(f"done: best prior validation NLL {best_val:.4f} bits per code; checkpoint {run_dir / 'prior_best.pt'}")
+
+
+# ----------------------------------------------------------------------------- adversarial decoder
+
+GAN_METRICS = ["epoch", "train_recon_loss", "train_disc_loss", "adaptive_weight", "logits_real", "logits_fake",
+               "val_recon_loss", "val_ssim", "val_psnr", "seconds"]
+
+
+def train_gan(run, run_dir, typed=None):
+    """The optional adversarial decoder (VQGAN, Esser et al. 2021) of run_dir's frozen best.pt: a copy of
+    its decoder, trained on the code maps of the training split (encoded once) with the run's
+    reconstruction loss plus a PatchGAN's, so best.pt, its codes and the prior over them do not change.
+    Writes gan_config.json, gan_metrics.csv, gan_epoch_NNN_comparison.png, decoder_gan_last.pt (every
+    epoch, to resume) and at the end decoder_gan.pt. `typed`: the flags typed now, checked against a
+    decoder already under way; one that learned an earlier best.pt is moved to gan_old_N/."""
+    # ---- setup
+    vq_path, last_path = run_dir / "best.pt", run_dir / "decoder_gan_last.pt"
+    vq_ckpt = load_checkpoint(vq_path)
+    vq_id = fingerprint(vq_ckpt["model"])  # the decoder is valid for exactly these codes
+    ckpt = load_checkpoint(last_path, kind="decoder_gan") if last_path.is_file() else None
+    retired = None
+    if ckpt and ckpt.get("vqvae") != vq_id:  # the VQ-VAE was extended since: its codes are not these
+        retired, ckpt = retire_gan(run_dir), None
+    elif ckpt:
+        run = resume_gan(run, ckpt, last_path, typed or {})
+    check_gan(run)
+    args, precision = run.gan, run.train.precision  # the VQ-VAE's precision, as the prior's
+    seed_everything(run.train.seed)
+    device = pick_device(run.train.device)
+    configure_backends(device, precision=precision)
+    log = open_log(run_dir / "log.txt")
+    if retired:
+        log(f"the adversarial decoder in {run_dir} learned the codes of an earlier {vq_path.name}: moved its "
+            f"files to {retired}, training a new one")
+    vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
+
+    # ---- data: the frozen encoder's codes (the decoder's input) and the slices they came from.
+    # Never augmented: the codes are those of the plain slices, which the discriminator sees as real.
+    data_dir = recorded_data_dir(vq_ckpt["config"], vq_path)
+    images = {split: place(load_split(data_dir, split, vqvae.cfg.image_size), device)
+              for split in ("train", "validate")}  # (N, 1, H, W) float16 in [0, 1] each
+    codes = {split: encode_split(vqvae, x, device, args.batch_size, precision)
+             for split, x in images.items()}  # (N, h, w) long each, on the device
+    n_train = len(codes["train"])
+    config = {k: v for k, v in run.flags().items() if k in gan_flag_names()}
+    config.update(seed=run.train.seed, device=str(device), recon_loss=run.train.recon_loss,
+                  ssim_weight=run.train.ssim_weight, vqvae_checkpoint=str(vq_path))
+    write_json(run_dir / "gan_config.json", config)
+
+    # ---- model
+    decoder = copy.deepcopy(vqvae.decoder).train()  # starts as best.pt's decoder, which stays as it is
+    disc = PatchDiscriminator(vqvae.cfg.in_channels, args.disc_channels, args.disc_layers).to(device)
+    log(f"adversarial decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters from "
+        f"{vq_path}, discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M with "
+        f"{'x'.join(map(str, patch_shape(vqvae.cfg.image_size, args.disc_layers)))} patches; {n_train} train / "
+        f"{len(codes['validate'])} validation code maps")
+
+    # ---- optimizer: Adam with betas (0.5, 0.9) for both, as taming-transformers (a short memory of
+    # gradients that the two players keep changing)
+    opt_g = torch.optim.Adam(decoder.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+
+    # ---- resume
+    start_epoch, rows = 1, []
+    if ckpt:
+        try:
+            decoder.load_state_dict(ckpt["model"])
+            opt_g.load_state_dict(ckpt["optimizer"])
+            disc.load_state_dict(ckpt["disc"])
+            opt_d.load_state_dict(ckpt["disc_optimizer"])
+            rows = ckpt["history"]["rows"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ProjectError(f"cannot resume the adversarial decoder from {last_path}: it is damaged "
+                               f"({type(e).__name__}); delete {run_dir}/decoder_gan*.pt to train a new one") from None
+        set_rng_state(ckpt["rng"], device)  # the batch order is a function of (seed, epoch)
+        start_epoch = ckpt["epoch"] + 1
+        log(f"resumed the adversarial decoder in {run_dir} after epoch {ckpt['epoch']}")
+
+    # ---- the reference: best.pt's own decoder on the same codes
+    evaluate_on = partial(evaluate_decoder, vqvae=vqvae, device=device, batch_size=args.batch_size, precision=precision)
+    ref = evaluate_on(vqvae.decoder, codes["validate"], images["validate"])
+    fixed = slice(0, NUM_COMPARISON)  # the same validation slices every epoch
+    ref_fixed = evaluate_on(vqvae.decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
+    log(f"MSE decoder ({vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
+        f"PSNR {ref['psnr'].mean():.2f}")
+
+    # ---- loop
+    steps_per_epoch = num_batches(n_train, args.batch_size)
+    for epoch in range(start_epoch, args.epochs + 1):
+        t0 = time.time()
+        batches = epoch_batches(n_train, args.batch_size, run.train.seed, epoch, images["train"].device)
+        step_count = (epoch - 1) * steps_per_epoch
+        sums = gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images["train"], codes["train"], batches, step_count,
+                         run, device, desc=f"gan epoch {epoch}/{args.epochs}")
+        tr = (sums / len(batches)).tolist()  # the epoch's one host sync
+        adversarial = min(len(batches), max(0, step_count + len(batches) - args.disc_start))  # steps past the warm-up
+        tr[2] *= len(batches) / max(adversarial, 1)  # the adaptive weight's mean over the steps that used it
+        if not all(map(math.isfinite, tr)):
+            raise ProjectError(f"adversarial decoder training losses are {tr} at epoch {epoch}; stopped before "
+                               f"they reached a checkpoint (last good: {last_path}); try a lower --gan_lr")
+        val = evaluate_on(decoder, codes["validate"], images["validate"])
+        rows.append([epoch, *tr, val["recon_loss"], val["ssim"].mean().item(), val["psnr"].mean().item(),
+                     time.time() - t0])
+        res = evaluate_on(decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
+        save_gan_comparison(run_dir / f"gan_epoch_{epoch:03d}_comparison.png", epoch,
+                            images["validate"][fixed].float().cpu(), ref_fixed, res)
+
+        # ---- save
+        ckpt = make_checkpoint("decoder_gan", decoder, config, opt_g, epoch, history={"rows": rows}, device=device,
+                               model_args=vqvae.cfg.to_dict(), vqvae=vq_id, disc=disc.state_dict(),
+                               disc_optimizer=opt_d.state_dict())
+        write_csv(run_dir / "gan_metrics.csv", GAN_METRICS, rows)
+        save_checkpoint(last_path, ckpt)
+        row = dict(zip(GAN_METRICS, rows[-1]))
+        log(f"gan epoch {epoch:3d} | recon {row['train_recon_loss']:.4f} | disc {row['train_disc_loss']:.4f} "
+            f"(logits real {row['logits_real']:+.2f} decoded {row['logits_fake']:+.2f}) | adaptive weight "
+            f"{row['adaptive_weight']:.3g} | val MSE {row['val_recon_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR "
+            f"{row['val_psnr']:.2f} | {row['seconds']:.0f}s")
+
+    # The last epoch is the decoder: a GAN has no validation criterion to pick one by (validation MSE
+    # and SSIM only fall as the adversarial term trades pixel error for realism, and the
+    # discriminator's loss measures a moving opponent).
+    save_checkpoint(run_dir / "decoder_gan.pt", ckpt)
+    log(f"done: adversarial decoder after {ckpt['epoch']} epochs; checkpoint {run_dir / 'decoder_gan.pt'}")
+
+
+def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, batches, step_count, run, device, desc=""):
+    """One epoch of the adversarial decoder over `batches` (index tensors into the training split's
+    images (N, 1, H, W) in [0, 1] and codes (N, h, w)): per batch a decoder step, then a discriminator
+    step. -> (5,) on the device, each summed over the steps: the reconstruction loss, the
+    discriminator's loss, the adaptive weight (0 in the warm-up), and the mean logits of real and of
+    decoded slices (the generator loss is minus the latter)."""
+    args, train = run.gan, run.train
+    sums = torch.zeros(5, device=device)
+    for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)):
+        x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]
+        with torch.no_grad():  # the codebook is frozen: no graph into it
+            z_q = vqvae.vq.embed(codes[idx])  # (B, D, h, w)
+        adversarial = step_count + step >= args.disc_start  # before: the discriminator's warm-up
+
+        # The decoder: L_rec + lambda * disc_weight * L_G (Esser et al. 2021, eq. 5-7), L_G = -E[D(x_fake)]
+        # as taming's generator loss, lambda the adaptive weight.
+        disc.requires_grad_(False)  # the decoder's step leaves the discriminator's weights alone
+        with autocast_for(device, train.precision):
+            x_fake = decoder(z_q)  # (B, 1, H, W), fp32 (the decoder's last layer always is)
+            rec = reconstruction_loss(x_fake, x, train.recon_loss)
+            if train.ssim_weight:  # the run's whole reconstruction objective, as its decoder learned it
+                rec = rec + train.ssim_weight * (1 - ssim((x_fake + 1) / 2, (x + 1) / 2)).mean()
+            loss, weight = rec, torch.zeros((), device=device)
+            if adversarial:
+                gen = -disc(x_fake).float().mean()
+                weight = adaptive_weight(rec, gen, decoder.net[-1].weight)
+                loss = rec + weight * args.disc_weight * gen
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        disc.requires_grad_(True)
+
+        # The discriminator: hinge loss on the real slices against the decoder's (detached) outputs.
+        with autocast_for(device, train.precision):
+            real, fake = disc(x).float(), disc(x_fake.detach()).float()  # (B, 1, h', w') logits each
+        d_loss = hinge_d_loss(real, fake)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        sums += torch.stack([rec.detach(), d_loss.detach(), weight, real.detach().mean(), fake.detach().mean()])
+    return sums
+
+
+def adaptive_weight(rec_loss, gan_loss, last_weight):
+    """lambda of Esser et al. 2021, eq. 7, as taming-transformers' calculate_adaptive_weight: the norm
+    of the reconstruction loss's gradient over that of the adversarial loss's, both with respect to
+    the decoder's last layer weight, clamped to [0, 1e4] and detached (a scale, not a path for
+    gradients). The two terms then pull on the decoder's output with comparable strength."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)
+    gan_grad, = torch.autograd.grad(gan_loss, last_weight, retain_graph=True)
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss, as taming's: (E[relu(1 - D(x))] + E[relu(1 + D(x_fake))]) / 2."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+@torch.no_grad()
+def evaluate_decoder(decoder, codes, images, vqvae, device, batch_size, precision="fp32", keep=False):
+    """A decoder on a split's code maps (N, h, w) against its slices (N, 1, H, W) in [0, 1], in eval mode
+    -> dict: recon_loss (MSE in the model's range [-1, 1], as evaluate's), ssim and psnr per slice ((N,)
+    on the CPU: the project's SSIM), and with keep=True recons (N, 1, H, W) in [0, 1] on the CPU."""
+    was_training = decoder.training
+    decoder.eval()
+    total, ssims, psnrs, recons = torch.zeros((), device=device), [], [], []
+    for c, batch in zip(codes.split(batch_size), images.split(batch_size)):
+        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
+        with autocast_for(device, precision):
+            r = decoder(vqvae.vq.embed(c.to(device)))  # (B, 1, H, W)
+        total += F.mse_loss(r.float(), x) * len(x)
+        r, t = to_unit(r), to_unit(x)
+        ssims.append(ssim(r, t))
+        psnrs.append(psnr(r, t))
+        if keep:
+            recons.append(r.cpu())
+    decoder.train(was_training)
+    res = {"recon_loss": total.item() / max(len(codes), 1), "ssim": torch.cat(ssims).cpu(),
+           "psnr": torch.cat(psnrs).cpu()}
+    if keep:
+        res["recons"] = torch.cat(recons)
+    return res
+
+
+def save_gan_comparison(path, epoch, real, ref, res):
+    """One row per validation slice: the slice | best.pt's MSE decoder | the adversarial decoder, from
+    real (N, 1, H, W) in [0, 1] and evaluate_decoder's results (keep=True) of the two decoders."""
+    grid = torch.stack([real, ref["recons"], res["recons"]], dim=1).flatten(0, 1)  # (3N, 1, H, W), row by row
+    save_image_grid(path, grid, f"adversarial decoder, epoch {epoch}: validation slice | MSE decoder (best.pt, "
+                    f"SSIM {ref['ssim'].mean():.3f}) | adversarial decoder (SSIM {res['ssim'].mean():.3f})",
+                    ncols=3, row_labels=[f"SSIM {a:.3f} | {b:.3f}" for a, b in zip(ref["ssim"], res["ssim"])])
+
+
+def check_gan(run):
+    """What no single setting of the adversarial decoder can check: epochs to train, and a
+    discriminator whose patch map fits the run's slices."""
+    args, (H, W) = run.gan, run.model.image_size
+    if not args.epochs:
+        raise ProjectError("the adversarial decoder stage trains --gan_epochs epochs, and it is 0 (the default, "
+                           "no adversarial decoder); give --gan_epochs N")
+    if min(patch_shape((H, W), args.disc_layers)) < 1:
+        fits = max((n for n in range(1, args.disc_layers) if min(patch_shape((H, W), n)) >= 1), default=1)
+        raise ProjectError(f"--gan_disc_layers {args.disc_layers} leaves the discriminator no patch of a {H}x{W} "
+                           f"slice; use --gan_disc_layers {fits} or fewer")
+
+
+def resume_gan(run, ckpt, path, typed):
+    """The run with the settings of the adversarial decoder under way in `path` (--gan_epochs extends
+    it); a gan flag typed now that differs from its own is refused by name."""
+    old = {k: v for k, v in ckpt["config"].items() if k in gan_flag_names()}
+    refuse_changes(old, {k: v for k, v in typed.items() if k in old}, ("gan_epochs",),
+                   f"cannot resume the adversarial decoder in {path}: it was made with",
+                   f"drop those flags to resume it, or delete {path.parent}/decoder_gan*.pt to train a new one")
+    return RunConfig.from_flags({**run.flags(), **old, "gan_epochs": typed.get("gan_epochs", old.get("gan_epochs"))})
+
+
+def retire_gan(run_dir):
+    """Move the files of an adversarial decoder that no longer fits the run's best.pt into run_dir/gan_old_N/."""
+    n = 1
+    while (run_dir / f"gan_old_{n}").exists():
+        n += 1
+    dest = run_dir / f"gan_old_{n}"
+    try:
+        dest.mkdir()
+        for f in [*run_dir.glob("decoder_gan*"), *run_dir.glob("gan_*")]:
+            if f.is_file():
+                f.rename(dest / f.name)
+    except OSError as e:
+        raise ProjectError(f"cannot move the old adversarial decoder of {run_dir} to {dest}: {e.strerror}") from None
+    return dest
 
 
 # ----------------------------------------------------------------------------- pieces

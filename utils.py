@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
+from modules import VQVAE, Decoder, PriorConfig, VQVAEConfig, build_prior
 
 RUNS_ROOT = Path("runs")
 
@@ -239,16 +239,18 @@ def _to_host(obj):
 
 
 def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float("inf"), history=None, device=None,
-                    **extra):
+                    model_args=None, **extra):
     """The one checkpoint layout, of tensors and plain types only (torch.load(weights_only=True)):
-    kind ("vqvae" or "prior"); model, the plain module's weights, and model_args, its config as a
-    dict, from which model_args alone rebuilds it; config, the run's flags as config.json holds them;
+    kind ("vqvae", "prior" or "decoder_gan"); model, the plain module's weights, and model_args, its
+    config as a dict (model.cfg's unless given: a decoder_gan's are its VQ-VAE's, whose Decoder it is),
+    from which model_args alone rebuilds it; config, the run's flags as config.json holds them;
     optimizer, epoch and best_val (the lowest validation loss so far); rng, the generator states that
-    decide the rest of the run; history (the metrics rows so far); and for a prior, vqvae, the
-    fingerprint of the VQ-VAE whose codes it learned."""
-    return {"kind": kind, "model": model.state_dict(), "model_args": model.cfg.to_dict(), "config": config,
-            "optimizer": optimizer.state_dict() if optimizer else {}, "epoch": epoch, "best_val": best_val,
-            "rng": rng_state(device or torch.device("cpu")), "history": history or {}, **extra}
+    decide the rest of the run; history (the metrics rows so far); and for a prior or a decoder_gan,
+    vqvae, the fingerprint of the VQ-VAE whose codes it learned (a decoder_gan also holds its
+    discriminator's weights, disc, and optimizer, disc_optimizer)."""
+    return {"kind": kind, "model": model.state_dict(), "model_args": model_args or model.cfg.to_dict(),
+            "config": config, "optimizer": optimizer.state_dict() if optimizer else {}, "epoch": epoch,
+            "best_val": best_val, "rng": rng_state(device or torch.device("cpu")), "history": history or {}, **extra}
 
 
 def save_checkpoint(path, ckpt):
@@ -304,7 +306,8 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
         raise ProjectError(f"{path} is not a checkpoint of this project (its model, model_args, config, "
                            f"kind or epoch is not what this project writes)")
     if ckpt.get("kind", "vqvae") != kind:
-        wanted = {"vqvae": "the run's best.pt (or the run folder)", "prior": "the run's prior_best.pt"}[kind]
+        wanted = {"vqvae": "the run's best.pt (or the run folder)", "prior": "the run's prior_best.pt",
+                  "decoder_gan": "the run's decoder_gan.pt"}[kind]
         raise ProjectError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed "
                            f"here; pass {wanted}")
     if kind == "vqvae" and "image_size" not in ckpt["model_args"]:  # written before the model knew its input size
@@ -353,8 +356,27 @@ def load_prior(ckpt, path, device):
     return _rebuild(build_prior, PriorConfig.from_dict, ckpt, path, device)
 
 
+def load_gan_decoder(run_dir_or_path, vq_ckpt, device):
+    """The adversarial decoder of a run (run_dir/decoder_gan.pt, or that file itself) for the VQ-VAE
+    checkpoint vq_ckpt, rebuilt from its model_args, in eval mode on `device` -> a Decoder: (B, D, h, w)
+    codebook vectors (model.vq.embed) -> (B, C, H, W), roughly in [-1, 1]. None when the run has none;
+    ProjectError when the file is damaged or learned the codes of another VQ-VAE than vq_ckpt's."""
+    path = Path(run_dir_or_path)
+    path = path / "decoder_gan.pt" if path.is_dir() else path
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path, kind="decoder_gan")
+    if ckpt.get("vqvae") != fingerprint(vq_ckpt["model"]):
+        raise ProjectError(f"{path} learned the codes of another VQ-VAE than this run's best.pt (it was extended "
+                           f"or replaced since); train a new one: python train.py --stage gan --resume "
+                           f"{path.parent} --gan_epochs N")
+    decoder = _rebuild(Decoder, VQVAEConfig.from_dict, ckpt, path, device)
+    return decoder.to(memory_format=torch.channels_last) if device.type == "cuda" else decoder
+
+
 def fingerprint(state_dict):
-    """A short hash of a model's weights: ties a prior to the exact VQ-VAE whose codes it learned."""
+    """A short hash of a model's weights: ties a prior or an adversarial decoder to the exact VQ-VAE whose
+    codes it learned."""
     h = hashlib.sha1()
     for name, t in sorted(state_dict.items()):
         h.update(name.encode())

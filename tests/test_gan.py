@@ -1,0 +1,177 @@
+"""The optional adversarial decoder: the PatchGAN's shapes, the adaptive weight, and the gan stage of
+train.py, which trains a copy of best.pt's decoder on its frozen codes and leaves best.pt (so the codes
+the prior learns) as it was."""
+import csv
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from modules import Decoder, PatchDiscriminator, patch_shape
+from test_scripts import run
+from utils import ProjectError, fingerprint, load_gan_decoder, run_main, save_checkpoint
+
+# A discriminator that fits the tiny model's 32x16 slices (3 layers would leave no patch), switched on
+# after the first of the two steps of an epoch (8 training slices in batches of 4).
+GAN_FLAGS = ["--gan_batch_size", "4", "--gan_disc_layers", "2", "--gan_disc_channels", "8", "--gan_disc_start", "1"]
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def train_main(*argv):
+    """`python train.py ARGV` in this process (faster than a new one), on the CPU."""
+    import train
+    run_main(train.main, train.get_parser().parse_args([*map(str, argv), "--device", "cpu"]))
+
+
+@pytest.fixture(scope="module")
+def vq_run(tiny_data, tmp_path_factory):
+    """A 1-epoch tiny VQ-VAE run without a prior or an adversarial decoder."""
+    run_dir = tmp_path_factory.mktemp("gan") / "vq"
+    train_main("--data_dir", tiny_data, "--epochs", "1", "--batch_size", "4", *TINY_MODEL, "--stage", "vqvae",
+               "--out_dir", run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("size, n_layers, expected", [((256, 128), 3, (30, 14)), ((64, 64), 3, (6, 6)),
+                                                      ((32, 16), 2, (6, 2))])
+def test_discriminator_gives_a_map_of_patch_logits(size, n_layers, expected):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(1, 64, n_layers)
+    out = disc(torch.rand(2, 1, *size) * 2 - 1)
+    assert out.shape == (2, 1, *expected) and patch_shape(size, n_layers) == expected
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == n_layers + 2  # n_layers of stride 2, then two of stride 1
+    assert [c.stride[0] for c in convs] == [2] * n_layers + [1, 1]
+    w = torch.cat([c.weight.detach().flatten() for c in convs])
+    assert abs(w.mean().item()) < 2e-3 and w.std().item() == pytest.approx(0.02, rel=0.05)  # taming's N(0, 0.02)
+    assert min(patch_shape((32, 16), 3)) < 1  # 3 layers leave no patch of a 32x16 slice
+
+
+def test_adaptive_weight_is_the_ratio_of_the_gradient_norms_and_detached():
+    import train
+    w = torch.tensor([3.0, -4.0], requires_grad=True)  # the "last layer"
+    c = torch.tensor([1.0, 2.0, 2.0])
+    rec = 0.5 * (w ** 2).sum()  # gradient w: norm 5
+    gan = (c[:2] * w).sum() + 0 * c[2]  # gradient (1, 2): norm sqrt(5)
+    weight = train.adaptive_weight(rec, gan, w)
+    assert weight.item() == pytest.approx(5 / (5 ** 0.5 + 1e-4))
+    assert not weight.requires_grad and w.grad is None  # a scale for the step, no gradient of its own
+    # An adversarial loss without gradient there would make it 5 / 1e-4: clamped to 1e4.
+    assert train.adaptive_weight(rec, 0 * w.sum(), w).item() == 1e4
+    # The discriminator's hinge loss: 0 once real logits are >= 1 and decoded ones <= -1.
+    assert train.hinge_d_loss(torch.full((2, 1, 3, 3), 1.5), torch.full((2, 1, 3, 3), -2.0)).item() == 0
+    assert train.hinge_d_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 1
+
+
+def test_gan_stage_trains_a_new_decoder_on_the_same_codes(tiny_data, tmp_path):
+    """--gan_epochs 1 in a whole run writes decoder_gan.pt: a decoder unlike best.pt's, for exactly the
+    best.pt whose codes the prior then learns; --stage gan --resume extends it and leaves best.pt as it
+    was; load_gan_decoder rebuilds it."""
+    run_dir = tmp_path / "run"
+    train_main("--data_dir", tiny_data, "--epochs", "1", "--batch_size", "4", *TINY_MODEL, "--prior_epochs", "1",
+               "--gan_epochs", "1", *GAN_FLAGS, "--out_dir", run_dir)
+    for name in ("decoder_gan.pt", "decoder_gan_last.pt", "gan_metrics.csv", "gan_config.json",
+                 "gan_epoch_001_comparison.png", "prior_best.pt"):
+        assert (run_dir / name).is_file(), name
+    best, gan = load(run_dir / "best.pt"), load(run_dir / "decoder_gan.pt")
+    assert gan["kind"] == "decoder_gan" and gan["epoch"] == 1 and gan["model_args"] == best["model_args"]
+    assert gan["vqvae"] == fingerprint(best["model"]) == load(run_dir / "prior_best.pt")["vqvae"]
+    mse_decoder = {k[len("decoder."):]: v for k, v in best["model"].items() if k.startswith("decoder.")}
+    assert gan["model"].keys() == mse_decoder.keys() and not state_equal(gan["model"], mse_decoder)
+    assert {"disc", "disc_optimizer", "optimizer", "rng"} <= set(gan)
+    rows = list(csv.DictReader(open(run_dir / "gan_metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["adaptive_weight"]) <= 1e4
+    assert -1 <= float(rows[0]["val_ssim"]) <= 1 and float(rows[0]["val_recon_loss"]) > 0
+    assert "gan epoch   1 |" in (run_dir / "log.txt").read_text()
+
+    before = (run_dir / "best.pt").read_bytes()
+    proc = run("train.py", "--stage", "gan", "--resume", run_dir, "--gan_epochs", "2", cwd=tmp_path)  # as typed
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "best.pt").read_bytes() == before  # the encoder and codebook, so the codes, unchanged
+    assert load(run_dir / "decoder_gan.pt")["epoch"] == 2 and (run_dir / "gan_epoch_002_comparison.png").is_file()
+    assert f"resumed the adversarial decoder in {run_dir} after epoch 1" in (run_dir / "log.txt").read_text()
+
+    decoder = load_gan_decoder(run_dir, best, torch.device("cpu"))
+    assert isinstance(decoder, Decoder) and not decoder.training
+    assert state_equal(decoder.state_dict(), load(run_dir / "decoder_gan.pt")["model"])
+    assert decoder(torch.randn(3, 8, 8, 4)).shape == (3, 1, 32, 16)
+    assert load_gan_decoder(run_dir / "decoder_gan.pt", best, torch.device("cpu")) is not None
+    assert load_gan_decoder(tmp_path, best, torch.device("cpu")) is None  # a folder without one
+
+
+def test_gan_resume_continues_the_same_run(vq_run, tmp_path):
+    """An adversarial decoder stopped after epoch 1 and resumed to 2 ends bit-identical (on the CPU) to
+    one trained for 2 epochs at once; a gan flag that differs from the one under way is refused."""
+    import train
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for d in (whole, part):
+        shutil.copytree(vq_run, d)
+    train_main("--stage", "gan", "--resume", whole, "--gan_epochs", "2", *GAN_FLAGS)
+    train_main("--stage", "gan", "--resume", part, "--gan_epochs", "1", *GAN_FLAGS)
+    with pytest.raises(ProjectError, match="gan_disc_channels=8 but this command asks gan_disc_channels=16"):
+        train.main(train.get_parser().parse_args(["--stage", "gan", "--resume", str(part), "--gan_disc_channels",
+                                                  "16", "--gan_epochs", "2"]))
+    train_main("--stage", "gan", "--resume", part, "--gan_epochs", "2")  # the other gan flags: its own
+    a, b = load(whole / "decoder_gan.pt"), load(part / "decoder_gan.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert state_equal(a["model"], b["model"]) and state_equal(a["disc"], b["disc"])
+    for opt in ("optimizer", "disc_optimizer"):
+        assert all(state_equal(a[opt]["state"][k], b[opt]["state"][k]) for k in a[opt]["state"])
+    rows = {d: [r[:-1] for r in csv.reader(open(d / "gan_metrics.csv"))] for d in (whole, part)}
+    assert rows[whole] == rows[part] and len(rows[whole]) == 3  # the last column is wall seconds
+
+
+def test_gan_decoder_of_another_vqvae_is_refused(vq_run, tmp_path):
+    """load_gan_decoder refuses a decoder_gan.pt made for another best.pt, or a damaged one, in one
+    line naming the file; the gan stage moves such a decoder aside and trains a new one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(vq_run, run_dir)
+    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", *GAN_FLAGS)
+    best = load(run_dir / "best.pt")
+    other = {**best, "model": {k: v + 1 if k == "decoder.conv.bias" else v for k, v in best["model"].items()}}
+    with pytest.raises(ProjectError, match=r"decoder_gan\.pt learned the codes of another VQ-VAE.*--stage gan"):
+        load_gan_decoder(run_dir, other, torch.device("cpu"))
+    data = (run_dir / "decoder_gan.pt").read_bytes()
+    damaged = tmp_path / "decoder_gan.pt"
+    damaged.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProjectError, match=r"decoder_gan\.pt.*corrupt"):
+        load_gan_decoder(damaged, best, torch.device("cpu"))
+    # The VQ-VAE changed since: the next gan stage retires the old decoder instead of resuming it.
+    save_checkpoint(run_dir / "best.pt", other)
+    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", *GAN_FLAGS)
+    assert (run_dir / "gan_old_1" / "decoder_gan_last.pt").is_file()
+    assert load(run_dir / "decoder_gan.pt")["vqvae"] == fingerprint(other["model"])
+    assert "moved its files to" in (run_dir / "log.txt").read_text()
+
+
+def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeypatch):
+    """The gan stage needs epochs, a run, one process and a discriminator that fits the slices; its
+    flags are a section of their own (prior_flag_names still names only the prior's)."""
+    import train
+    flags = train.get_parser().parse_args
+    assert all(n.startswith("prior_") for n in train.prior_flag_names()) and "prior_epochs" in train.prior_flag_names()
+    assert set(train.gan_flag_names()) == {"gan_epochs", "gan_batch_size", "gan_lr", "gan_disc_weight",
+                                           "gan_disc_start", "gan_disc_channels", "gan_disc_layers"}
+    assert train.RunConfig.from_flags({}).gan.epochs == 0  # no adversarial decoder unless asked for
+    with pytest.raises(ProjectError, match="--gan_epochs N"):
+        train.main(flags(["--stage", "gan", "--resume", str(vq_run)]))
+    with pytest.raises(ProjectError, match="--stage gan trains an adversarial decoder for an existing"):
+        train.main(flags(["--stage", "gan", "--gan_epochs", "1"]))
+    # A new run's discriminator is checked before stage 1 makes a run folder.
+    with pytest.raises(ProjectError, match="--gan_disc_layers 3 leaves the discriminator no patch of a 32x16 slice; "
+                                           "use --gan_disc_layers 2"):
+        train.main(flags([*TINY_MODEL, "--gan_epochs", "1", "--out_dir", str(tmp_path / "new")]))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ProjectError, match="adversarial decoder trains in one process"):
+        train.main(flags(["--stage", "gan", "--resume", str(vq_run), "--gan_epochs", "1"]))
+    with pytest.raises(ProjectError, match="--gan_epochs must be >= 0, got -1"):
+        train.RunConfig.from_flags(vars(flags(["--gan_epochs", "-1"])))
