@@ -20,7 +20,7 @@ given the previous one) with their neighbouring-slice SSIM and volumes_orthogona
 import argparse
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -32,9 +32,10 @@ from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_d
                      volume_layout, volumes_of)
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
 from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
-                     prior_nll_bits, ssim)
+                     prior_nll_bits, psnr, ssim)
 from modules import PriorConfig, check_settings, code_counts, conditions, setting
-from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint, load_prior,
+from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint,
+                   load_gan_decoder, load_prior,
                    load_vqvae, pick_device, run_main, settings_from, to_unit, write_csv, write_json, write_nifti_gz)
 
 @dataclass
@@ -57,6 +58,9 @@ class PredictConfig:
                               "it (and to the typical slice there); 1: none", rule=">= 0")
     num_volumes: int = setting(0, "whole volumes to generate, slice by slice, each slice given the previous one; "
                                "0: none", rule=">= 0")
+    decoder: str = setting("auto", "what renders the samples and volumes: the adversarial decoder (decoder_gan.pt, "
+                           "train.py --gan_epochs) or best.pt's own (mse); auto: the adversarial one when the run has "
+                           "it", choices=("auto", "adversarial", "mse"))
     seed: int = setting(0, "seeds the sampling", rule=">= 0")
     device: str = setting(None, "cuda, mps or cpu; None picks cuda, then mps, then cpu")
 
@@ -138,9 +142,27 @@ def sample_codes(prior, n, args, generator, position=None, previous=None):
     return torch.cat(parts)
 
 
-def decode(model, codes, batch_size):
-    """code maps (N, h, w) -> images (N, 1, H, W) in [0, 1] on the CPU."""
-    return torch.cat([to_unit(model.decode_indices(c)) for c in codes.split(batch_size)]).cpu()
+@torch.no_grad()
+def decode(model, codes, batch_size, decoder=None):
+    """code maps (N, h, w) -> images (N, 1, H, W) in [0, 1] on the CPU, by the VQ-VAE's decoder or by
+    `decoder` (the adversarial one) on the same codebook vectors."""
+    decoder = decoder or model.decoder
+    return torch.cat([to_unit(decoder(model.vq.embed(c))) for c in codes.split(batch_size)]).cpu()
+
+
+def find_gan_decoder(args, vq_ckpt, ckpt_path, device):
+    """The adversarial decoder that renders the samples -> a Decoder, or None (--decoder mse, or
+    auto and the run has none that fits this checkpoint, with a note)."""
+    path = ckpt_path.parent / "decoder_gan.pt"
+    if args.decoder == "mse" or (args.decoder == "auto" and not path.is_file()):
+        return None
+    if args.decoder == "adversarial" and not path.is_file():
+        raise ProjectError(f"--decoder adversarial but {ckpt_path.parent} has no decoder_gan.pt; train one with "
+                           f"`python train.py --stage gan --resume {ckpt_path.parent} --gan_epochs 20`")
+    if args.decoder == "auto" and load_checkpoint(path, kind="decoder_gan").get("vqvae") != fingerprint(vq_ckpt["model"]):
+        print(f"samples by best.pt's decoder: {path} learned the codes of the run's best.pt, not of {ckpt_path.name}")
+        return None
+    return load_gan_decoder(path, vq_ckpt, device)
 
 
 def check_condition(cfg, args, prior_path):
@@ -174,16 +196,18 @@ def neighbour_ssim(images, previous):
     return pairs.mean().item(), len(pairs)
 
 
-def generate_volumes(prior, model, args, generator, device):
+def generate_volumes(prior, model, args, generator, device, decoder=None):
     """--num_volumes volumes (V, P, 1, H, W) in [0, 1]: slice p drawn at position p given the code map
-    of slice p - 1, P the positions the prior learned."""
+    of slice p - 1, P the positions the prior learned; without guidance (measured: at --guidance 3
+    neighbouring slices differ more than real ones)."""
     V, P = args.num_volumes, prior.cfg.num_positions
+    args = replace(args, guidance=1.0)  # the previous slice fixes the position; guidance only pulls slices apart
     maps, previous = [], None
     for p in range(P):
         previous = sample_codes(prior, V, args, generator, torch.full((V,), p, device=device), previous)
         maps.append(previous)
     codes = torch.stack(maps, 1)  # (V, P, h, w)
-    return decode(model, codes.flatten(0, 1), args.batch_size).unflatten(0, (V, P))
+    return decode(model, codes.flatten(0, 1), args.batch_size, decoder).unflatten(0, (V, P))
 
 
 def write_volumes(out_dir, volumes, affine, header):
@@ -197,7 +221,7 @@ def write_volumes(out_dir, volumes, affine, header):
         write_nifti_gz(out_dir / "volumes" / f"volume_{i:03d}.nii.gz", img)
 
 
-def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device, precision):
+def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device, precision):
     """Sample --num_samples slices (and --num_volumes volumes) from the prior and measure them against
     the test split -> metrics."""
     prior = load_prior(prior_ckpt, prior_path, device)
@@ -210,7 +234,7 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     t0 = time.time()
     with autocast_for(device, precision):
         codes = sample_codes(prior, args.num_samples, args, g, position)  # (N, h, w)
-        samples = decode(model, codes, args.batch_size)
+        samples = decode(model, codes, args.batch_size, gan)
     seconds = time.time() - t0
 
     # ---- write: NIfTI per sample, grids
@@ -232,10 +256,13 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     pick = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(args.seed))
     train_subset = train_set.images[pick[:args.num_samples]].float()  # real-vs-real reference
     test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
-    feats = {name: inception_features(x, device) for name, x in
-             (("test", real), ("samples", samples), ("reconstructions", test_res["recons"]),
-              ("train_subset", train_subset))}
-    fids = {name: fid(feats[name], feats["test"]) for name in ("samples", "reconstructions", "train_subset")}
+    sets = {"test": real, "samples": samples, "reconstructions": test_res["recons"], "train_subset": train_subset}
+    if gan:  # the same codes through the other decoder: what the adversarial one changes
+        with autocast_for(device, precision):
+            sets["samples_mse_decoder"] = decode(model, codes, args.batch_size)
+            sets["reconstructions_adversarial"] = decode(model, test_res["indices"].to(device), args.batch_size, gan)
+    feats = {name: inception_features(x, device) for name, x in sets.items()}
+    fids = {name: fid(feats[name], feats["test"]) for name in sets if name != "test"}
     kids = {name: kid(feats[name], feats["test"]) for name in fids}
     train_images = train_set.images.float()
     sample_max, nearest = max_ssim_to(samples, train_images, device)
@@ -263,7 +290,12 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
                     "real test slices (bottom)", ncols=k,
                     row_labels=["samples", "nearest train", "real test"])
-    gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position, prior_condition=prior.cfg.condition)
+    gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position,
+               prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
+    if gan:
+        x = sets["reconstructions_adversarial"]
+        gen["adversarial_reconstructions"] = {"ssim_mean": ssim(x, real).mean().item(),
+                                              "psnr_mean": psnr(x, real).mean().item()}
 
     # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
     test_position, test_previous = volume_layout(test_set.files)
@@ -271,11 +303,11 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
         gen["prior_test_conditioned_nll_bits"] = prior_nll_bits(
             prior, test_res["indices"], args.batch_size, device, precision,
             *conditions(test_res["indices"], test_position, test_previous, prior.cfg))
-        gen["position"] = measure_positions(prior, model, args, g, samples, real, test_set.files, test_position,
+        gen["position"] = measure_positions(prior, model, gan, args, g, samples, real, test_set.files, test_position,
                                            device, precision)
     if args.num_volumes:
         with autocast_for(device, precision):
-            volumes = generate_volumes(prior, model, args, g, device)  # (V, P, 1, H, W)
+            volumes = generate_volumes(prior, model, args, g, device, gan)  # (V, P, 1, H, W)
         write_volumes(out_dir, volumes, affine, header)
         flat = volumes.flatten(0, 1)
         chain = torch.arange(len(flat)) - 1
@@ -296,7 +328,7 @@ def generate(args, model, prior_ckpt, prior_path, test_set, test_res, data_dir, 
     return gen
 
 
-def measure_positions(prior, model, args, generator, samples, real, files, test_position, device, precision):
+def measure_positions(prior, model, gan, args, generator, samples, real, files, test_position, device, precision):
     """How near slices generated at a position lie to it: n samples asked at positions spread over
     the volume, each placed at the position of its nearest real test slice by SSIM, against n
     unconditional samples placed the same way (the baseline: a model that ignores the position) ->
@@ -307,9 +339,9 @@ def measure_positions(prior, model, args, generator, samples, real, files, test_
     known = test_position >= 0
     refs, ref_position = real[known], test_position[known]
     with autocast_for(device, precision):
-        conditioned = decode(model, sample_codes(prior, n, args, generator, asked.to(device)), args.batch_size)
+        conditioned = decode(model, sample_codes(prior, n, args, generator, asked.to(device)), args.batch_size, gan)
         free = samples if args.slice_position is None else decode(model, sample_codes(prior, n, args, generator),
-                                                                  args.batch_size)
+                                                                  args.batch_size, gan)
     out = {"n": n, "num_positions": P, "reference": f"nearest of {len(refs)} test slices by SSIM",
            "conditioned_mae": position_error(ref_position[max_ssim_to(conditioned, refs, device)[1]], asked),
            "unconditional_mae": position_error(ref_position[max_ssim_to(free, refs, device)[1]], asked)}
@@ -345,6 +377,7 @@ def main(args):
     model = load_vqvae(ckpt, ckpt_path, device)
     check_image_size(model.cfg.image_size, f"{ckpt_path}'s model_args")
     prior = find_prior(args, ckpt, ckpt_path)
+    gan = find_gan_decoder(args, ckpt, ckpt_path, device) if prior else None
     if prior:
         inception(device)
     image_size = model.cfg.image_size  # the model's own input size
@@ -369,7 +402,7 @@ def main(args):
 
     # ---- generate, when the run has a prior
     if prior:
-        metrics["generation"] = generate(args, model, *prior, test_set, res, data_dir, out_dir, device, precision)
+        metrics["generation"] = generate(args, model, gan, *prior, test_set, res, data_dir, out_dir, device, precision)
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
@@ -401,8 +434,13 @@ def print_generation(gen, out_dir):
     fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
     print(f"prior: test NLL {gen['prior_test_nll_bits']:.4f} bits per code; sampled {gen['num_samples']} "
           f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
-    for name, label in (("samples", "samples"), ("reconstructions", "test reconstructions"),
-                        ("train_subset", "real train slices")):
+    gan = gen.get("decoder") == "adversarial"
+    for name, label in (("samples", "samples" + (" (adversarial)" if gan else "")),
+                        ("samples_mse_decoder", "samples (MSE decoder)"),
+                        ("reconstructions", "test reconstructions"),
+                        ("reconstructions_adversarial", "  (adversarial)"), ("train_subset", "real train slices")):
+        if name not in fids:
+            continue
         print(f"  vs test: {label:21s} FID {fids[name]:8.2f}  KID {kids[name]['mean']:.4f} +- "
               f"{kids[name]['std']:.4f}")
     print(f"  memorisation: max SSIM to any training slice, mean {mem['samples_max_ssim_to_train_mean']:.4f} "

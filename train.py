@@ -116,8 +116,9 @@ class PriorTrainConfig:
                                    "prior also samples without one", rule="in [0, 1]")
     previous_drop: float = setting(0.5, "probability of training a code map without the previous slice's, so the "
                                    "prior also samples single slices and first slices", rule="in [0, 1]")
-    aug_flip: float = setting(0.0, "probability of training on the codes of a left-right flipped slice (and its "
-                              "previous slice, flipped with it) instead", rule="in [0, 1]")
+    aug_flip: float = setting(0.5, "probability of training on the codes of a left-right flipped slice (and its "
+                              "previous slice, flipped with it) instead; 0.5 lowered the validation NLL on unseen "
+                              "patients (README)", rule="in [0, 1]")
 
     def __post_init__(self):
         check_settings(self)

@@ -175,3 +175,24 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
         train.main(flags(["--stage", "gan", "--resume", str(vq_run), "--gan_epochs", "1"]))
     with pytest.raises(ProjectError, match="--gan_epochs must be >= 0, got -1"):
         train.RunConfig.from_flags(vars(flags(["--gan_epochs", "-1"])))
+
+
+def test_predict_renders_samples_with_the_adversarial_decoder(vq_run, tmp_path):
+    """With decoder_gan.pt in the run, predict.py decodes the samples with it and reports both decoders:
+    the test reconstructions' SSIM stays best.pt's, the adversarial reconstructions are scored beside."""
+    import json
+    run_dir = tmp_path / "run"
+    shutil.copytree(vq_run, run_dir)
+    train_main("--stage", "prior", "--resume", run_dir)
+    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", *GAN_FLAGS)
+    proc = run("predict.py", "--checkpoint", run_dir / "best.pt", "--num_samples", "4", "--out_dir", tmp_path / "p",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    gen = json.loads((tmp_path / "p" / "metrics.json").read_text())["generation"]
+    assert gen["decoder"] == "adversarial"
+    assert {"samples", "samples_mse_decoder", "reconstructions", "reconstructions_adversarial"} <= set(gen["fid"])
+    assert -1 <= gen["adversarial_reconstructions"]["ssim_mean"] <= 1
+    proc = run("predict.py", "--checkpoint", run_dir / "best.pt", "--num_samples", "4", "--decoder", "mse",
+               "--out_dir", tmp_path / "q", cwd=tmp_path)
+    gen = json.loads((tmp_path / "q" / "metrics.json").read_text())["generation"]
+    assert proc.returncode == 0 and gen["decoder"] == "mse" and "samples_mse_decoder" not in gen["fid"]
