@@ -53,6 +53,7 @@ METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "tr
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
 PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "val_conditioned_nll_bits", "seconds"]
+STAGE_NAMES = {"prior": "prior", "decoder_gan": "adversarial decoder"}  # by checkpoint kind
 GIVEN = {"position": "the position", "position+previous": "the position and previous slice"}
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 
@@ -487,28 +488,42 @@ def save_vqvae_curves(out_dir, rows, batch_losses, ssim_weight, num_embeddings):
                 "% of the codebook", f"codebook usage over the validation split ({num_embeddings} codes)")
 
 
+def start_stage(run, run_dir, last_path, kind, resume, patterns, typed, check=None):
+    """The start shared by the stages on run_dir's frozen best.pt (the prior, the adversarial decoder):
+    their checkpoint under way in last_path is resumed (its flags ruling, through `resume`), or, when it
+    learned the codes of an earlier best.pt, its files (`patterns`) are moved aside and a new one starts;
+    then `check` (the run's settings together), seeding, the device and the log -> (run, (vq_ckpt,
+    vq_path, vq_id: the fingerprint the stage's checkpoints carry, ckpt or None, device, log, the frozen
+    VQ-VAE in eval mode))."""
+    vq_path = run_dir / "best.pt"
+    vq_ckpt = load_checkpoint(vq_path)
+    vq_id = fingerprint(vq_ckpt["model"])  # the stage is valid for exactly these weights
+    ckpt = load_checkpoint(last_path, kind=kind) if last_path.is_file() else None
+    retired = None
+    if ckpt and ckpt.get("vqvae") != vq_id:  # the VQ-VAE was extended since: its codes are not the stage's
+        retired, ckpt = retire(run_dir, kind.removeprefix("decoder_"), patterns), None
+    elif ckpt:
+        run = resume(run, ckpt, last_path, typed or {})
+    if check:
+        check(run)
+    seed_everything(run.train.seed)
+    device = pick_device(run.train.device)
+    configure_backends(device, precision=run.train.precision)
+    log = open_log(run_dir / "log.txt")
+    if retired:
+        log(f"the {STAGE_NAMES[kind]} in {run_dir} learned the codes of an earlier {vq_path.name}: moved its "
+            f"files to {retired}, training a new one")
+    return run, (vq_ckpt, vq_path, vq_id, ckpt, device, log, load_vqvae(vq_ckpt, vq_path, device))
+
+
 def train_prior(run, run_dir, typed=None):
     """Stage 2: train (or resume) the prior on the code maps of run_dir's frozen best VQ-VAE. `typed`:
     the flags typed now, checked against a prior already under way."""
     # ---- setup
-    vq_path, last_path = run_dir / "best.pt", run_dir / "prior_last.pt"
-    vq_ckpt = load_checkpoint(vq_path)
-    vq_id = fingerprint(vq_ckpt["model"])  # the prior is valid for exactly these weights
-    ckpt = load_checkpoint(last_path, kind="prior") if last_path.is_file() else None
-    retired = None
-    if ckpt and ckpt["vqvae"] != vq_id:  # the VQ-VAE was extended since: its codes are not the prior's
-        retired, ckpt = retire_prior(run_dir), None
-    elif ckpt:
-        run = resume_prior(run, ckpt, last_path, typed or {})
+    last_path = run_dir / "prior_last.pt"
+    run, stage = start_stage(run, run_dir, last_path, "prior", resume_prior, ("prior_*",), typed)
+    vq_ckpt, vq_path, vq_id, ckpt, device, log, vqvae = stage
     args, cfg, precision = run.prior_train, run.prior, run.train.precision  # the VQ-VAE's precision, for both
-    seed_everything(run.train.seed)
-    device = pick_device(run.train.device)
-    configure_backends(device, precision=precision)
-    log = open_log(run_dir / "log.txt")
-    if retired:
-        log(f"the prior in {run_dir} learned the codes of an earlier {vq_path.name}: moved its files to "
-            f"{retired}, training a new prior")
-    vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
 
     # ---- data: every slice encoded once (and flipped, for --prior_aug_flip), the prior never sees an
     # image; each map's position and previous slice from the file names
@@ -623,25 +638,11 @@ def train_gan(run, run_dir, typed=None):
     epoch, to resume) and at the end decoder_gan.pt. `typed`: the flags typed now, checked against a
     decoder already under way; one that learned an earlier best.pt is moved to gan_old_N/."""
     # ---- setup
-    vq_path, last_path = run_dir / "best.pt", run_dir / "decoder_gan_last.pt"
-    vq_ckpt = load_checkpoint(vq_path)
-    vq_id = fingerprint(vq_ckpt["model"])  # the decoder is valid for exactly these codes
-    ckpt = load_checkpoint(last_path, kind="decoder_gan") if last_path.is_file() else None
-    retired = None
-    if ckpt and ckpt.get("vqvae") != vq_id:  # the VQ-VAE was extended since: its codes are not these
-        retired, ckpt = retire_gan(run_dir), None
-    elif ckpt:
-        run = resume_gan(run, ckpt, last_path, typed or {})
-    check_gan(run)
+    last_path = run_dir / "decoder_gan_last.pt"
+    run, stage = start_stage(run, run_dir, last_path, "decoder_gan", resume_gan, ("decoder_gan*", "gan_*"), typed,
+                             check=check_gan)
+    vq_ckpt, vq_path, vq_id, ckpt, device, log, vqvae = stage
     args, precision = run.gan, run.train.precision  # the VQ-VAE's precision, as the prior's
-    seed_everything(run.train.seed)
-    device = pick_device(run.train.device)
-    configure_backends(device, precision=precision)
-    log = open_log(run_dir / "log.txt")
-    if retired:
-        log(f"the adversarial decoder in {run_dir} learned the codes of an earlier {vq_path.name}: moved its "
-            f"files to {retired}, training a new one")
-    vqvae = load_vqvae(vq_ckpt, vq_path, device)  # frozen: eval mode, no optimizer
 
     # ---- data: the frozen encoder's codes (the decoder's input) and the slices they came from.
     # Never augmented: the codes are those of the plain slices, which the discriminator sees as real.
@@ -849,22 +850,6 @@ def resume_gan(run, ckpt, path, typed):
     return RunConfig.from_flags({**run.flags(), **old, "gan_epochs": typed.get("gan_epochs", old.get("gan_epochs"))})
 
 
-def retire_gan(run_dir):
-    """Move the files of an adversarial decoder that no longer fits the run's best.pt into run_dir/gan_old_N/."""
-    n = 1
-    while (run_dir / f"gan_old_{n}").exists():
-        n += 1
-    dest = run_dir / f"gan_old_{n}"
-    try:
-        dest.mkdir()
-        for f in [*run_dir.glob("decoder_gan*"), *run_dir.glob("gan_*")]:
-            if f.is_file():
-                f.rename(dest / f.name)
-    except OSError as e:
-        raise ProjectError(f"cannot move the old adversarial decoder of {run_dir} to {dest}: {e.strerror}") from None
-    return dest
-
-
 # ----------------------------------------------------------------------------- pieces
 
 def prior_batch(codes, layout, idx, cfg, args, generator):
@@ -915,20 +900,22 @@ def open_log(path):
         print(msg, file=log_file, flush=True)
     return log
 
-def retire_prior(run_dir):
-    """Move the files of a prior that no longer fits the run's VQ-VAE into run_dir/prior_old_N/."""
+def retire(run_dir, stage, patterns):
+    """Move the files (glob patterns) of a stage that no longer fits the run's best.pt into
+    run_dir/<stage>_old_N/ -> that folder."""
     n = 1
-    while (run_dir / f"prior_old_{n}").exists():
+    while (run_dir / f"{stage}_old_{n}").exists():
         n += 1
-    dest = run_dir / f"prior_old_{n}"
+    dest = run_dir / f"{stage}_old_{n}"
     try:
         dest.mkdir()
-        for f in run_dir.glob("prior_*"):
+        for f in [f for pattern in patterns for f in run_dir.glob(pattern)]:
             if f.is_file():
                 f.rename(dest / f.name)
     except OSError as e:
-        raise ProjectError(f"cannot move the old prior of {run_dir} to {dest}: {e.strerror}") from None
+        raise ProjectError(f"cannot move the old {stage} files of {run_dir} to {dest}: {e.strerror}") from None
     return dest
+
 
 def init_distributed(device_name):
     """Under torchrun (WORLD_SIZE > 1) join the process group -> (rank, world_size); else (0, 1).
