@@ -146,6 +146,32 @@ def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
     return res
 
 
+@torch.no_grad()
+def evaluate_decoder(decoder, codes, images, vqvae, device, batch_size, precision="fp32", keep=False):
+    """A decoder on a split's code maps (N, h, w) against its slices (N, 1, H, W) in [0, 1], in eval mode
+    -> dict: recon_loss (MSE in the model's range [-1, 1], as evaluate's), ssim and psnr per slice ((N,)
+    on the CPU: the project's SSIM), and with keep=True recons (N, 1, H, W) in [0, 1] on the CPU."""
+    was_training = decoder.training
+    decoder.eval()
+    total, ssims, psnrs, recons = torch.zeros((), device=device), [], [], []
+    for c, batch in zip(codes.split(batch_size), images.split(batch_size)):
+        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
+        with autocast_for(device, precision):
+            r = decoder(vqvae.vq.embed(c.to(device)))  # (B, 1, H, W)
+        total += F.mse_loss(r.float(), x) * len(x)
+        r, t = to_unit(r), to_unit(x)
+        ssims.append(ssim(r, t))
+        psnrs.append(psnr(r, t))
+        if keep:
+            recons.append(r.cpu())
+    decoder.train(was_training)
+    res = {"recon_loss": total.item() / max(len(codes), 1), "ssim": torch.cat(ssims).cpu(),
+           "psnr": torch.cat(psnrs).cpu()}
+    if keep:
+        res["recons"] = torch.cat(recons)
+    return res
+
+
 BITS_PER_NAT = 1 / math.log(2)
 
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, slice_position, stem,
                      volume_layout, volumes_of)
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
-from metrics import (check_image_size, codebook_stats, evaluate, fid, inception, inception_features, kid, max_ssim_to,
-                     prior_nll_bits, psnr, ssim)
+from metrics import (check_image_size, codebook_stats, evaluate, evaluate_decoder, fid, inception, inception_features, kid, max_ssim_to,
+                     prior_nll_bits, ssim)
 from modules import PriorConfig, check_settings, code_counts, conditions, setting
 from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint,
                    load_gan_decoder, load_prior,
@@ -261,7 +261,9 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
     if gan:  # the same codes through the other decoder: what the adversarial one changes
         with autocast_for(device, precision):
             sets["samples_mse_decoder"] = decode(model, codes, args.batch_size)
-            sets["reconstructions_adversarial"] = decode(model, test_res["indices"].to(device), args.batch_size, gan)
+        adversarial = evaluate_decoder(gan, test_res["indices"], test_set.images, model, device, args.batch_size,
+                                       precision, keep=True)
+        sets["reconstructions_adversarial"] = adversarial["recons"]
     feats = {name: inception_features(x, device) for name, x in sets.items()}
     fids = {name: fid(feats[name], feats["test"]) for name in sets if name != "test"}
     kids = {name: kid(feats[name], feats["test"]) for name in fids}
@@ -294,9 +296,8 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
     gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position,
                prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
     if gan:
-        x = sets["reconstructions_adversarial"]
-        gen["adversarial_reconstructions"] = {"ssim_mean": ssim(x, real).mean().item(),
-                                              "psnr_mean": psnr(x, real).mean().item()}
+        gen["adversarial_reconstructions"] = {"ssim_mean": adversarial["ssim"].mean().item(),
+                                              "psnr_mean": adversarial["psnr"].mean().item()}
 
     # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
     test_position, test_previous = volume_layout(test_set.files)
@@ -353,10 +354,12 @@ def measure_positions(prior, model, gan, args, generator, samples, real, files, 
     # other test volumes (the floor of this measure: anatomy differs from patient to patient).
     names = [slice_position(f)[0] for f, k in zip(files, known.tolist()) if k]
     volume = torch.tensor([sorted(set(names)).index(v) for v in names])
-    found = [ref_position[volume != v][max_ssim_to(refs[i:i + 1], refs[volume != v], device)[1]]
-             for i, v in enumerate(volume.tolist())] if len(volume.unique()) > 1 else []
-    if found:
-        out["real_mae"] = position_error(torch.cat(found), ref_position)
+    if len(set(names)) > 1:
+        found = torch.empty_like(ref_position)
+        for v in volume.unique():  # one search per volume: its slices against all the others'
+            mine, others = volume == v, volume != v
+            found[mine] = ref_position[others][max_ssim_to(refs[mine], refs[others], device)[1]]
+        out["real_mae"] = position_error(found, ref_position)
     return out
 
 

@@ -40,13 +40,13 @@ from tqdm import tqdm
 from dataset import (augment, epoch_batches, get_batch, load_split, num_batches, place, recorded_data_dir,
                      resolve_data_dir, volume_layout)
 from figures import save_comparison, save_curves, save_image_grid
-from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, prior_nll_bits, psnr,
-                     ssim)
+from metrics import (BITS_PER_NAT, check_image_size, codebook_stats, encode_split, evaluate, evaluate_decoder,
+                     prior_nll_bits, ssim)
 from modules import (VQVAE, PatchDiscriminator, PriorConfig, VQVAEConfig, build_prior, check_settings, conditions,
                      patch_shape, setting)
 from utils import (ProjectError, Writer, add_settings, autocast_for, configure_backends, fingerprint, flags_of,
                    load_checkpoint, load_vqvae, make_checkpoint, new_run_dir, pick_device, run_main,
-                   save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_model, to_unit,
+                   save_checkpoint, seed_everything, set_rng_state, setting_names, settings_from, to_unit,
                    uses_bf16, write_csv, write_json)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
@@ -790,32 +790,6 @@ def adaptive_weight(rec_loss, gan_loss, last_weight):
 def hinge_d_loss(logits_real, logits_fake):
     """The discriminator's hinge loss, as taming's: (E[relu(1 - D(x))] + E[relu(1 + D(x_fake))]) / 2."""
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-
-
-@torch.no_grad()
-def evaluate_decoder(decoder, codes, images, vqvae, device, batch_size, precision="fp32", keep=False):
-    """A decoder on a split's code maps (N, h, w) against its slices (N, 1, H, W) in [0, 1], in eval mode
-    -> dict: recon_loss (MSE in the model's range [-1, 1], as evaluate's), ssim and psnr per slice ((N,)
-    on the CPU: the project's SSIM), and with keep=True recons (N, 1, H, W) in [0, 1] on the CPU."""
-    was_training = decoder.training
-    decoder.eval()
-    total, ssims, psnrs, recons = torch.zeros((), device=device), [], [], []
-    for c, batch in zip(codes.split(batch_size), images.split(batch_size)):
-        x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
-        with autocast_for(device, precision):
-            r = decoder(vqvae.vq.embed(c.to(device)))  # (B, 1, H, W)
-        total += F.mse_loss(r.float(), x) * len(x)
-        r, t = to_unit(r), to_unit(x)
-        ssims.append(ssim(r, t))
-        psnrs.append(psnr(r, t))
-        if keep:
-            recons.append(r.cpu())
-    decoder.train(was_training)
-    res = {"recon_loss": total.item() / max(len(codes), 1), "ssim": torch.cat(ssims).cpu(),
-           "psnr": torch.cat(psnrs).cpu()}
-    if keep:
-        res["recons"] = torch.cat(recons)
-    return res
 
 
 def save_gan_comparison(path, epoch, real, ref, res):
