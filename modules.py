@@ -600,11 +600,13 @@ class PatchDiscriminator(nn.Module):
     (70x70 pixels with n_layers 3): real (> 0) or made by the decoder (< 0).
 
     4x4 convs with LeakyReLU 0.2: the first n_layers of stride 2 (channels, 2x, 4x, ... up to 8x), then
-    one of stride 1 and the stride-1 conv to one logit map. GroupNorm, not taming's BatchNorm: the
-    real and the decoded batches pass through separately, and with batch statistics each would be
-    normalised by its own, which lets the discriminator tell them apart by the batch rather than by
-    the slice (and a small CPU batch makes the statistics noisy); GroupNorm treats every slice alone,
-    the same in train and eval mode, as the project's other norms (_norm)."""
+    one of stride 1 and the stride-1 conv to one logit map. BatchNorm as taming's, and the caller
+    passes the real and the decoded slices as one batch, so both are normalised by the same statistics
+    (in separate batches each would be normalised by its own, a difference between batches rather than
+    between slices). Not GroupNorm: it normalises every slice's features by their own spread, which
+    removes the fine-texture energy that tells a blurred decode from a slice (measured on the prostate
+    crops: with GroupNorm the logits of real and decoded slices stayed within 0.01 of each other for
+    400 discriminator steps; with BatchNorm they parted by 5 within 250, see the README)."""
 
     def __init__(self, in_channels=1, channels=64, n_layers=3):
         super().__init__()
@@ -614,7 +616,8 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             c_out = channels * min(2 ** n, 8)
             stride = 2 if n < n_layers else 1  # the last of them keeps the size (and widens the patch)
-            layers += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False), _norm(c_out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
@@ -626,7 +629,7 @@ class PatchDiscriminator(nn.Module):
         biases keep torch's init), norm scales N(1, 0.02) and shifts 0."""
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, 0.0, 0.02)
-        elif isinstance(m, nn.GroupNorm):
+        elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 

@@ -111,6 +111,9 @@ class PriorTrainConfig:
     epochs: int = setting(18, "passes over the training codes", rule=">= 1")
     batch_size: int = setting(32, "code maps per AdamW step", rule=">= 1")
     lr: float = setting(2e-3, "AdamW learning rate of the prior", rule="> 0")
+    lr_schedule: str = setting("constant", "the prior's own: constant, or linear warm-up then cosine decay to 0 "
+                               "at the last step of --prior_epochs", choices=("constant", "cosine"))
+    warmup_steps: int = setting(50, "the prior's warm-up steps (with --prior_lr_schedule cosine)", rule=">= 0")
     weight_decay: float = setting(0.01, "AdamW weight decay of the prior", rule=">= 0")
     num_samples: int = setting(16, "samples in each epoch's grid", rule=">= 1")
     position_drop: float = setting(0.1, "probability of training a code map without its slice position, so the "
@@ -258,6 +261,11 @@ def resume_prior(run, ckpt, path, typed):
     refuse_changes(old, {k: v for k, v in typed.items() if k in old}, ("prior_epochs",),
                    f"cannot resume the prior in {path}: it was made with",
                    f"drop those flags to resume it, or delete {path.parent}/prior_*.pt to train a new prior")
+    epochs = typed.get("prior_epochs", old["prior_epochs"])
+    if old.get("prior_lr_schedule") == "cosine" and epochs != old["prior_epochs"]:
+        raise ProjectError(f"cannot extend the prior in {path} to {epochs} epochs: its cosine schedule was laid "
+                           f"out over {old['prior_epochs']} epochs and has decayed; resume without --prior_epochs, "
+                           f"or delete {path.parent}/prior_*.pt to train a new prior")
     return RunConfig.from_flags({**run.flags(), **old, "prior_epochs": typed.get("prior_epochs", old["prior_epochs"])})
 
 
@@ -537,6 +545,12 @@ def train_prior(run, run_dir, typed=None):
     del images
     layout = {split: [t.to(device) for t in volume_layout(s.files)] for split, s in sets.items()}
     n_train = len(codes["train"])
+    steps_per_epoch = num_batches(n_train, args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
+        raise ProjectError(f"--prior_warmup_steps {args.warmup_steps} is not shorter than the prior's run "
+                           f"({total_steps} steps), so its cosine schedule would never leave warm-up; lower "
+                           f"--prior_warmup_steps")
     if cfg.condition != "none":  # positions seen in training; others (and names without one) go unconditioned
         cfg = replace(cfg, num_positions=int(layout["train"][0].max()) + 1)
     val_cond = conditions(codes["validate"], *layout["validate"], cfg)
@@ -571,14 +585,16 @@ def train_prior(run, run_dir, typed=None):
         prior.train()
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
         g = torch.Generator(device).manual_seed(run.train.seed * 100_003 + epoch)  # the drops: resumable
-        for idx in tqdm(epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device),
-                        desc=f"prior epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True):
+        for step, idx in enumerate(tqdm(epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device),
+                                        desc=f"prior epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)):
             batch = prior_batch(codes, layout["train"], idx, cfg, args, g)
             with autocast_for(device, precision):
                 nll = prior.nll(*batch)  # (B,) nats per code
             loss = nll.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at((epoch - 1) * steps_per_epoch + step, args, total_steps)
             optimizer.step()
             total += nll.detach().sum()
         train_bits = total.item() / n_train * BITS_PER_NAT
@@ -757,8 +773,8 @@ def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, batches, step_c
             if train.ssim_weight:  # the run's whole reconstruction objective, as its decoder learned it
                 rec = rec + train.ssim_weight * (1 - ssim((x_fake + 1) / 2, (x + 1) / 2)).mean()
             loss, weight = rec, torch.zeros((), device=device)
-            if adversarial:
-                gen = -disc(x_fake).float().mean()
+            if adversarial:  # the real half only shares its batch statistics (PatchDiscriminator)
+                gen = -disc(torch.cat([x, x_fake])).float().chunk(2)[1].mean()
                 weight = adaptive_weight(rec, gen, decoder.net[-1].weight)
                 loss = rec + weight * args.disc_weight * gen
         opt_g.zero_grad(set_to_none=True)
@@ -768,7 +784,8 @@ def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, batches, step_c
 
         # The discriminator: hinge loss on the real slices against the decoder's (detached) outputs.
         with autocast_for(device, train.precision):
-            real, fake = disc(x).float(), disc(x_fake.detach()).float()  # (B, 1, h', w') logits each
+            # One batch, so both halves are normalised alike -> (B, 1, h', w') logits each
+            real, fake = disc(torch.cat([x, x_fake.detach()])).float().chunk(2)
         d_loss = hinge_d_loss(real, fake)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()

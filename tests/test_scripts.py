@@ -159,6 +159,7 @@ def test_slices_at_a_position_and_whole_volumes(trained):
     pos, vol = gen["position"], gen["volumes"]
     assert pos["num_positions"] == 4 and 0 <= pos["conditioned_mae"] <= 3 and 0 <= pos["slice_position_mae"] <= 2
     assert vol["slices"] == 4 and vol["real_pairs"] == 3 and -1 <= vol["neighbour_ssim"] <= 1
+    assert -1 <= vol["reconstructed_neighbour_ssim"] <= 1 and "between their reconstructions" in proc.stdout
     assert sorted(p.name for p in (out / "volumes").iterdir()) == ["volume_000.nii.gz", "volume_001.nii.gz"]
     img = nib.load(out / "volumes" / "volume_001.nii.gz")
     assert img.shape == (32, 16, 4) and np.allclose(img.affine, np.eye(4)) and img.get_data_dtype() == np.float32
