@@ -842,11 +842,11 @@ class AutoregressivePrior(nn.Module):
             def draw(logits):
                 cond, uncond = logits.float().chunk(2)
                 return plain(uncond + guidance * (cond - uncond)).repeat(2, 1)
-        codes = self._sample_codes(m, draw, self.cond(m, position, previous), position, previous)[:n]
+        codes = self._sample_codes(m, draw, position, previous)[:n]
         self.train(was_training)
         return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
 
-    def _sample_codes(self, n, draw, cond, position, previous):
+    def _sample_codes(self, n, draw, position, previous):
         """(n, h*w) codes, each drawn by draw(logits (n, K)) -> (n, 1). This generic version reruns the
         whole map per code (h*w passes); the transformer overrides it with a cache."""
         h, w = self.cfg.latent_h, self.cfg.latent_w
@@ -966,7 +966,7 @@ class CodePrior(AutoregressivePrior):
             x = block(x)
         return self.head(self.ln_f(x))  # (B, L, K)
 
-    def _sample_codes(self, n, draw, cond, position=None, previous=None):
+    def _sample_codes(self, n, draw, position=None, previous=None):
         """One position per step through the key/value cache."""
         device = self.pos_emb.weight.device
         C, heads = self.cfg.hidden_dim, self.cfg.num_heads
@@ -974,7 +974,7 @@ class CodePrior(AutoregressivePrior):
                    "v": torch.empty(n, heads, self.seq_len, C // heads, device=device)} for _ in self.blocks]
         out = torch.empty(n, self.seq_len, dtype=torch.long, device=device)
         token = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
-        cond = self._as_sequence(cond)  # (n, L, C) or 0
+        cond = self._as_sequence(self.cond(n, position, previous))  # (n, L, C) or 0: the same at every step
         for i in range(self.seq_len):
             x = self._embed(token, i, cond if isinstance(cond, int) else cond[:, i:i + 1])  # (n, 1, C)
             for block, cache in zip(self.blocks, caches):

@@ -237,10 +237,8 @@ def resume_run(flags):
                    f"cannot resume {path}: the run was made with",
                    "drop those flags to resume it, or start a new run without --resume")
     epochs = flags.get("epochs", old["epochs"])
-    if old["lr_schedule"] == "cosine" and epochs != old["epochs"]:
-        raise ProjectError(f"cannot extend {path} to {epochs} epochs: its cosine schedule was laid out "
-                           f"over {old['epochs']} epochs and has decayed; resume without --epochs, or start "
-                           f"a new run")
+    check_extension(old["lr_schedule"], old["epochs"], epochs, str(path),
+                    "resume without --epochs, or start a new run")
     return ckpt, RunConfig.from_flags({**old, **flags})
 
 
@@ -262,11 +260,9 @@ def resume_prior(run, ckpt, path, typed):
                    f"cannot resume the prior in {path}: it was made with",
                    f"drop those flags to resume it, or delete {path.parent}/prior_*.pt to train a new prior")
     epochs = typed.get("prior_epochs", old["prior_epochs"])
-    if old.get("prior_lr_schedule") == "cosine" and epochs != old["prior_epochs"]:
-        raise ProjectError(f"cannot extend the prior in {path} to {epochs} epochs: its cosine schedule was laid "
-                           f"out over {old['prior_epochs']} epochs and has decayed; resume without --prior_epochs, "
-                           f"or delete {path.parent}/prior_*.pt to train a new prior")
-    return RunConfig.from_flags({**run.flags(), **old, "prior_epochs": typed.get("prior_epochs", old["prior_epochs"])})
+    check_extension(old.get("prior_lr_schedule"), old["prior_epochs"], epochs, f"the prior in {path}",
+                    f"resume without --prior_epochs, or delete {path.parent}/prior_*.pt to train a new prior")
+    return RunConfig.from_flags({**run.flags(), **old, "prior_epochs": epochs})
 
 
 def check_run(run, world_size):
@@ -336,9 +332,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     # Under --compile every step has the same shape: a ragged last batch would compile a second graph.
     steps_per_epoch = num_batches(n_train, args.batch_size, world_size, drop_last=args.compile)
     total_steps = args.epochs * steps_per_epoch
-    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
-        raise ProjectError(f"--warmup_steps {args.warmup_steps} is not shorter than the run ({total_steps} "
-                           f"steps), so the cosine schedule would never leave warm-up; lower --warmup_steps")
+    check_warmup(args, total_steps, "--warmup_steps", "the run")
     fixed = val_set.images[:NUM_COMPARISON]  # (6, 1, H, W) in [0, 1]: the same slices every epoch
     out_dir, log = open_run(args.out_dir, ckpt, main_rank, world_size)
     dtype = "bf16" if uses_bf16(device, args.precision) else "fp32"  # what --precision means on this device
@@ -547,10 +541,7 @@ def train_prior(run, run_dir, typed=None):
     n_train = len(codes["train"])
     steps_per_epoch = num_batches(n_train, args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
-        raise ProjectError(f"--prior_warmup_steps {args.warmup_steps} is not shorter than the prior's run "
-                           f"({total_steps} steps), so its cosine schedule would never leave warm-up; lower "
-                           f"--prior_warmup_steps")
+    check_warmup(args, total_steps, "--prior_warmup_steps", "the prior's run")
     if cfg.condition != "none":  # positions seen in training; others (and names without one) go unconditioned
         cfg = replace(cfg, num_positions=int(layout["train"][0].max()) + 1)
     val_cond = conditions(codes["validate"], *layout["validate"], cfg)
@@ -867,6 +858,22 @@ def prior_batch(codes, layout, idx, cfg, args, generator):
     position = torch.where(known, position, cfg.num_positions)
     previous = torch.where(has[:, None, None], maps(previous.clamp_min(0)), cfg.num_embeddings)
     return x, position, previous if cfg.condition == "position+previous" else None
+
+
+def check_extension(schedule, old_epochs, epochs, what, fix):
+    """Refuse to run `what`, laid out over old_epochs, to another number of epochs on a cosine schedule:
+    the schedule has decayed (`fix`: what to do instead)."""
+    if schedule == "cosine" and epochs != old_epochs:
+        raise ProjectError(f"cannot extend {what} to {epochs} epochs: its cosine schedule was laid out over "
+                           f"{old_epochs} epochs and has decayed; {fix}")
+
+
+def check_warmup(args, total_steps, flag, what):
+    """Refuse a cosine schedule (args: lr_schedule, warmup_steps) whose warm-up is not shorter than the
+    total_steps of `what`: it would never leave warm-up."""
+    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
+        raise ProjectError(f"{flag} {args.warmup_steps} is not shorter than {what} ({total_steps} steps), so the "
+                           f"cosine schedule would never leave warm-up; lower {flag}")
 
 
 def lr_at(step, args, total_steps):
