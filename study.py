@@ -56,6 +56,8 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "ema_init_restart_cosine": ("EMA + init + restart + cosine LR", [*HEALTHY, "--lr_schedule", "cosine"]),
     "lookup": ("+ 8-dim l2-normalised lookup", LOOKUP),
     "lookup_l1": ("+ L1 + MSE loss", LOOKUP_L1),
+    "lookup_l1_cosine": ("+ L1 + MSE + cosine LR (20 warm-up steps)",
+                         [*LOOKUP_L1, "--lr_schedule", "cosine", "--warmup_steps", "20"]),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
