@@ -36,7 +36,8 @@ from utils import ProjectError, load_checkpoint, load_vqvae, run_main, write_csv
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
-PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", *AUG_OFF]  # the seed's net, loss, data
+# the seed's net, loss, data and choice of best.pt
+PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", "--best_by", "mse", *AUG_OFF]
 SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
 # The codebook study's defaults (DEFAULTS_V1); the quality study's ladder adds one change at a time to them.
 DEFAULTS_V1 = [*PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
@@ -65,6 +66,8 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
     "resnet_cosine_aug": ("+ resnet + cosine + augmentation", [*RESNET_COSINE, *AUG]),
+    "resnet_l1_cosine_aug": ("+ resnet + L1 loss alone + cosine + augmentation",
+                             [*RESNET_COSINE, *AUG, "--recon_loss", "l1"]),
 }
 # The real stand-in: slabs of one volume along axis 1 (coronal 256x128 slices), 5 slices apart so
 # that no split sees a neighbour of another's slice (adjacent slices are nearly identical).

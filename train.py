@@ -89,6 +89,9 @@ class TrainConfig:
     lr_schedule: str = setting("constant", "constant as in the seed, or linear warm-up then cosine decay to 0",
                                choices=("constant", "cosine"))
     warmup_steps: int = setting(100, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
+    best_by: str = setting("mse", "which epoch best.pt (and so the prior's codes and predict.py) keeps: the lowest "
+                           "validation MSE, or the last (for --lr_schedule cosine, whose last epochs sharpen the "
+                           "decoder while the MSE rises: README)", choices=("mse", "last"))
     seed: int = setting(0, "seeds the model init and the data order", rule=">= 0")
     device: str = setting(None, "cuda, mps or cpu; None picks cuda, then mps, then cpu")
     precision: str = setting("auto", "of the VQ-VAE's forward pass; auto: bf16 autocast on CUDA, fp32 elsewhere "
@@ -123,6 +126,10 @@ class PriorTrainConfig:
     aug_flip: float = setting(0.5, "probability of training on the codes of a left-right flipped slice (and its "
                               "previous slice, flipped with it) instead; 0.5 lowered the validation NLL on unseen "
                               "patients (README)", rule="in [0, 1]")
+    aug_copies: int = setting(0, "augmented copies of the training slices, encoded once, that the prior trains on "
+                              "beside the slices themselves (each map drawn from one of the copies + 1 alike): "
+                              "in a copy each slice and its previous slice share one random rotation (5 degrees), "
+                              "zoom (5%%), shift (3%%) and gamma (0.1); 0: none", rule=">= 0")
 
     def __post_init__(self):
         check_settings(self)
@@ -408,8 +415,9 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
         # ---- save (rank 0, by the writer: beside the next epoch's training on CUDA)
         # Best by validation reconstruction MSE: it measures the images the decoder makes from the
         # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
-        improved = val["recon_loss"] < best_val
-        best_val = min(best_val, val["recon_loss"])
+        # --best_by last: every epoch is the best so far (best_val is then the last epoch's MSE).
+        improved = args.best_by == "last" or val["recon_loss"] < best_val
+        best_val = val["recon_loss"] if args.best_by == "last" else min(best_val, val["recon_loss"])
         if main_rank:
             res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
             ckpt = make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
@@ -423,7 +431,8 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
         save_vqvae_curves(out_dir, rows, batch_losses, args.ssim_weight, cfg.num_embeddings)
         if world_size > 1:
             log(f"{world_size} processes: the codebook was identical on every rank after every epoch")
-        log(f"done: best validation reconstruction MSE {best_val:.4f}; checkpoint {out_dir / 'best.pt'}")
+        log(f"done: {'last' if args.best_by == 'last' else 'best'} validation reconstruction MSE {best_val:.4f}; "
+            f"checkpoint {out_dir / 'best.pt'}")
     return out_dir
 
 
@@ -536,8 +545,11 @@ def train_prior(run, run_dir, typed=None):
              for split, x in images.items()}  # (N, h, w) long each, on the device
     if args.aug_flip:
         codes["flipped"] = encode_split(vqvae, images["train"].flip(2), device, args.batch_size, precision)
-    del images
     layout = {split: [t.to(device) for t in volume_layout(s.files)] for split, s in sets.items()}
+    if args.aug_copies:
+        codes["copies"], codes["copies_previous"] = augmented_codes(
+            vqvae, images["train"], layout["train"][1], args, run.train.seed, device, precision)
+    del images
     n_train = len(codes["train"])
     steps_per_epoch = num_batches(n_train, args.batch_size)
     total_steps = args.epochs * steps_per_epoch
@@ -834,29 +846,62 @@ def resume_gan(run, ckpt, path, typed):
 
 # ----------------------------------------------------------------------------- pieces
 
+PRIOR_AUG = {"rotate": 5, "scale": 0.05, "shift": 0.03, "gamma": 0.1}  # --prior_aug_copies' ranges: the study's
+
+
+@torch.no_grad()
+def augmented_codes(vqvae, images, previous, args, seed, device, precision):
+    """--prior_aug_copies K copies of the training split's code maps -> (maps (K, N, h, w), the maps of
+    their previous slices (K, N, h, w)), long on the device. images: (N, 1, H, W) in [0, 1]; previous:
+    (N,) each slice's previous slice's index, -1 for none. A slice and its previous slice go through
+    dataset.augment as the two channels of one image, so in each copy they share one transform and
+    stay neighbours; the draws are seeded by (seed, copy, chunk), so a resumed prior sees the same."""
+    maps, previous_maps = [], []
+    chunks = torch.arange(len(images), device=images.device).split(args.batch_size)
+    for k in range(args.aug_copies):
+        for c, i in enumerate(chunks):
+            pair = torch.cat([images[i], images[previous[i].clamp_min(0)]], 1).float() * 2 - 1  # (b, 2, H, W)
+            # Negative steps: never a training step's, so these draws are not the VQ-VAE's.
+            pair = (augment(pair, seed, -1 - k * len(chunks) - c, **PRIOR_AUG) + 1) / 2
+            maps.append(encode_split(vqvae, pair[:, :1], device, args.batch_size, precision))
+            previous_maps.append(encode_split(vqvae, pair[:, 1:], device, args.batch_size, precision))
+    h, w = maps[0].shape[1:]
+    return (torch.cat(maps).view(args.aug_copies, len(images), h, w),
+            torch.cat(previous_maps).view(args.aug_copies, len(images), h, w))
+
+
 def prior_batch(codes, layout, idx, cfg, args, generator):
     """A training batch for the prior -> (indices (B, h, w), position (B,) or None, previous (B, h, w)
     or None), as AutoregressivePrior.nll takes them. codes: the train split's maps (N, h, w) under
     "train" (and "flipped", those of the flipped slices); layout: their (position, previous index)
     (dataset.volume_layout). A map and its previous map are swapped for their flipped slices' with
     probability --prior_aug_flip; its position and previous map are left out with probability
-    --prior_position_drop and --prior_previous_drop (and where the data has none). Draws from
-    `generator` (on the device), so a resumed prior draws the same."""
+    --prior_position_drop and --prior_previous_drop (and where the data has none). With
+    --prior_aug_copies K, a map and its previous map come instead, each with probability K / (K + 1),
+    from one augmented copy ("copies", "copies_previous": (K, N, h, w), see augmented_codes). Draws
+    from `generator` (on the device), so a resumed prior draws the same."""
     def chance(p):
         return torch.rand(len(idx), generator=generator, device=idx.device) < p
     flip = chance(args.aug_flip) if args.aug_flip else None
+    copy = None  # (B,) which augmented copy each map comes from, -1: the slice itself
+    if args.aug_copies:
+        copy = torch.randint(args.aug_copies + 1, (len(idx),), generator=generator, device=idx.device) - 1
 
     def maps(i):  # the code maps i (B,), those of the flipped slices where flip says so
         m = codes["train"][i]
         return m if flip is None else torch.where(flip[:, None, None], codes["flipped"][i], m)
-    x = maps(idx)
+
+    def from_copies(m, key):  # m (B, h, w) replaced by the copy's maps where a copy was drawn
+        return m if copy is None else torch.where(copy[:, None, None] >= 0, codes[key][copy.clamp_min(0), idx], m)
+    x = from_copies(maps(idx), "copies")
     if cfg.condition == "none":
         return x, None, None
     position, previous = (t[idx] for t in layout)
     known = (position >= 0) & ~chance(args.position_drop)
     has = (previous >= 0) & ~chance(args.previous_drop)
     position = torch.where(known, position, cfg.num_positions)
-    previous = torch.where(has[:, None, None], maps(previous.clamp_min(0)), cfg.num_embeddings)
+    previous = torch.where(has[:, None, None], from_copies(maps(previous.clamp_min(0)), "copies_previous"),
+                           cfg.num_embeddings)
     return x, position, previous if cfg.condition == "position+previous" else None
 
 

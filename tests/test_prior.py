@@ -174,6 +174,42 @@ def test_prior_batch_drops_and_flips_at_its_rates():
     assert torch.equal(previous[kept][:, 0, 0], x[kept][:, 0, 0])
 
 
+def test_prior_batch_takes_a_map_and_its_previous_map_from_one_copy():
+    from train import PriorTrainConfig, prior_batch
+    cfg = PriorConfig(**{**TINY_PRIOR, **COND})
+    n, k = 3000, 2
+    codes = {"train": torch.zeros(n, 4, 3, dtype=torch.long),
+             "copies": torch.arange(1, k + 1).view(k, 1, 1, 1).expand(k, n, 4, 3),  # copy j holds j + 1
+             "copies_previous": torch.arange(1, k + 1).view(k, 1, 1, 1).expand(k, n, 4, 3) + 5}
+    layout = (torch.arange(n) % 5, torch.arange(n) - 1)
+    args = PriorTrainConfig(previous_drop=0.0, aug_flip=0.0, aug_copies=k)
+    x, _, previous = prior_batch(codes, layout, torch.arange(n), cfg, args, torch.Generator().manual_seed(0))
+    assert (x[:, 0, 0] > 0).float().mean().item() == pytest.approx(k / (k + 1), abs=0.03)
+    has = torch.arange(n) > 0
+    # Where a copy was drawn its previous map is that copy's; the slice's own otherwise.
+    assert torch.equal(previous[has][:, 0, 0], torch.where(x[has][:, 0, 0] > 0, x[has][:, 0, 0] + 5, 0))
+
+
+def test_augmented_copies_transform_a_slice_and_its_previous_slice_alike():
+    """In augmented_codes a slice and its previous slice share one transform: identical neighbours
+    stay identical; the copies differ from the plain codes and are reproducible by seed."""
+    from metrics import encode_split
+    from train import PriorTrainConfig, augmented_codes
+    torch.manual_seed(0)
+    vqvae = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8,
+                              num_downsampling_layers=2, embedding_dim=8, num_embeddings=32)).eval()
+    images = torch.rand(6, 1, 32, 16).repeat_interleave(2, 0)  # slices 2i and 2i + 1 alike
+    previous = torch.tensor([[-1, 2 * i] for i in range(6)]).flatten()  # 2i + 1 follows 2i
+    args = PriorTrainConfig(batch_size=4, aug_copies=3)
+    maps, prev = augmented_codes(vqvae, images, previous, args, 0, torch.device("cpu"), "fp32")
+    assert maps.shape == prev.shape == (3, 12, 8, 4)
+    assert torch.equal(maps[:, 1::2], prev[:, 1::2])
+    plain = encode_split(vqvae, images, torch.device("cpu"), 4)
+    assert not torch.equal(maps[0], plain) and not torch.equal(maps[0], maps[1])
+    again = augmented_codes(vqvae, images, previous, args, 0, torch.device("cpu"), "fp32")
+    assert torch.equal(again[0], maps) and torch.equal(again[1], prev)
+
+
 @pytest.mark.parametrize("arch", PRIOR_ARCHS)
 def test_guided_greedy_sampling_takes_the_guided_argmax(arch):
     """Classifier-free guidance: each code is the argmax of l_free + w (l_position - l_free), both

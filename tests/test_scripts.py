@@ -293,6 +293,22 @@ def test_recon_loss_l1_is_a_setting_of_the_run(tiny_data, tmp_path):
                        "recon_loss=l1", "recon_loss=mse")
 
 
+@pytest.mark.parametrize("best_by", ["mse", "last"])
+def test_best_checkpoint_is_the_epoch_best_by_asks_for(tiny_data, tmp_path, best_by):
+    """best.pt holds the epoch of the lowest validation MSE in metrics.csv, or with --best_by last the
+    last epoch's weights."""
+    run_dir = tmp_path / "run"
+    proc = run("train.py", "--data_dir", tiny_data, "--epochs", "3", "--batch_size", "4", *TINY_MODEL, "--stage",
+               "vqvae", "--lr", "1e-2", "--best_by", best_by, "--out_dir", run_dir, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with open(run_dir / "metrics.csv") as f:
+        mse = [float(r["val_recon_loss"]) for r in csv.DictReader(f)]
+    best, last = (torch.load(run_dir / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == (mse.index(min(mse)) + 1 if best_by == "mse" else 3)
+    if best_by == "last":
+        assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+
+
 def test_recon_loss_l1_plus_mse_is_the_sum():
     import train
     assert run_config("--recon_loss", "l1+mse").train.recon_loss == "l1+mse"
