@@ -62,12 +62,13 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "lookup_pure_l1": ("+ 8-dim lookup + L1 loss alone", [*LOOKUP, "--recon_loss", "l1"]),
     "lookup_pure_l1_cosine": ("+ 8-dim lookup + L1 loss alone + cosine LR (20 warm-up steps)",
                               [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20"]),
+    "lookup_pure_l1_cosine_aug": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation",
+                                  [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
+                                   *AUG]),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
     "resnet_cosine_aug": ("+ resnet + cosine + augmentation", [*RESNET_COSINE, *AUG]),
-    "resnet_l1_cosine_aug": ("+ resnet + L1 loss alone + cosine + augmentation",
-                             [*RESNET_COSINE, *AUG, "--recon_loss", "l1"]),
 }
 # The real stand-in: slabs of one volume along axis 1 (coronal 256x128 slices), 5 slices apart so
 # that no split sees a neighbour of another's slice (adjacent slices are nearly identical).
