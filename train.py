@@ -877,7 +877,7 @@ def prior_batch(codes, layout, idx, cfg, args, generator):
     (dataset.volume_layout). A map and its previous map are swapped for their flipped slices' with
     probability --prior_aug_flip; its position and previous map are left out with probability
     --prior_position_drop and --prior_previous_drop (and where the data has none). With
-    --prior_aug_copies K, a map and its previous map come instead, each with probability K / (K + 1),
+    --prior_aug_copies K, a map and its previous map come instead, together with probability K / (K + 1),
     from one augmented copy ("copies", "copies_previous": (K, N, h, w), see augmented_codes). Draws
     from `generator` (on the device), so a resumed prior draws the same."""
     def chance(p):
