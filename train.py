@@ -128,8 +128,8 @@ class PriorTrainConfig:
                               "patients (README)", rule="in [0, 1]")
     aug_copies: int = setting(0, "augmented copies of the training slices, encoded once, that the prior trains on "
                               "beside the slices themselves (each map drawn from one of the copies + 1 alike): "
-                              "in a copy each slice and its previous slice share one random rotation (5 degrees), "
-                              "zoom (5%%), shift (3%%) and gamma (0.1); 0: none", rule=">= 0")
+                              "in a copy each slice and its previous slice share one random rotation (up to 5 degrees), "
+                              "zoom (up to 0.05), shift (up to 0.03 of the size) and gamma (0.1); 0: none", rule=">= 0")
 
     def __post_init__(self):
         check_settings(self)
@@ -856,18 +856,17 @@ def augmented_codes(vqvae, images, previous, args, seed, device, precision):
     (N,) each slice's previous slice's index, -1 for none. A slice and its previous slice go through
     dataset.augment as the two channels of one image, so in each copy they share one transform and
     stay neighbours; the draws are seeded by (seed, copy, chunk), so a resumed prior sees the same."""
-    maps, previous_maps = [], []
+    maps = []
     chunks = torch.arange(len(images), device=images.device).split(args.batch_size)
     for k in range(args.aug_copies):
         for c, i in enumerate(chunks):
             pair = torch.cat([images[i], images[previous[i].clamp_min(0)]], 1).float() * 2 - 1  # (b, 2, H, W)
             # Negative steps: never a training step's, so these draws are not the VQ-VAE's.
             pair = (augment(pair, seed, -1 - k * len(chunks) - c, **PRIOR_AUG) + 1) / 2
-            maps.append(encode_split(vqvae, pair[:, :1], device, args.batch_size, precision))
-            previous_maps.append(encode_split(vqvae, pair[:, 1:], device, args.batch_size, precision))
-    h, w = maps[0].shape[1:]
-    return (torch.cat(maps).view(args.aug_copies, len(images), h, w),
-            torch.cat(previous_maps).view(args.aug_copies, len(images), h, w))
+            pair = pair.flatten(0, 1)[:, None]  # (2b, 1, H, W): slice, previous, slice, previous, ...
+            maps.append(encode_split(vqvae, pair, device, 2 * args.batch_size, precision).unflatten(0, (-1, 2)))
+    maps = torch.cat(maps).unflatten(0, (args.aug_copies, len(images)))  # (K, N, 2, h, w)
+    return maps[:, :, 0], maps[:, :, 1]
 
 
 def prior_batch(codes, layout, idx, cfg, args, generator):
