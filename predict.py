@@ -251,6 +251,20 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
                     f"{len(samples)} generated slices at {where} (temperature {args.temperature}, top_k "
                     f"{args.top_k or 'all'}, top_p {args.top_p}, seed {args.seed})")
 
+    # ---- the conditioned draws, in this order for the generator: samples asked at positions spread
+    # over the volume (and unconditional ones to place beside --slice_position's), then the volumes
+    test_position, test_previous = volume_layout(test_set.files)
+    placed = bool(P) and bool((test_position >= 0).any())
+    with autocast_for(device, precision):
+        if placed:
+            asked = torch.arange(args.num_samples) * P // args.num_samples  # (n,) spread evenly over 0 .. P-1
+            at_positions = decode(model, sample_codes(prior, args.num_samples, args, g, asked.to(device)),
+                                  args.batch_size, gan)
+            free = samples if args.slice_position is None else decode(
+                model, sample_codes(prior, args.num_samples, args, g), args.batch_size, gan)
+        if args.num_volumes:
+            volumes = generate_volumes(prior, model, args, g, device, gan)  # (V, P, 1, H, W)
+
     # ---- metrics: each against the test split, beside the reconstructions and real train slices
     real = test_set.images.float()
     n = min(args.num_samples, len(real))  # equal-size subsets where a figure grows with the count
@@ -258,6 +272,10 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
     train_subset = train_set.images[pick[:args.num_samples]].float()  # real-vs-real reference
     test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
     sets = {"test": real, "samples": samples, "reconstructions": test_res["recons"], "train_subset": train_subset}
+    if placed and args.slice_position is None:  # at --slice_position the samples are all at one position
+        sets["samples_at_positions"] = at_positions
+    if args.num_volumes:  # every slice of every volume: V x P slices, not num_samples
+        sets["volume_slices"] = volumes.flatten(0, 1)
     if gan:  # the same codes through the other decoder: what the adversarial one changes
         with autocast_for(device, precision):
             sets["samples_mse_decoder"] = decode(model, codes, args.batch_size)
@@ -300,16 +318,13 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
                                               "psnr_mean": adversarial["psnr"].mean().item()}
 
     # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
-    test_position, test_previous = volume_layout(test_set.files)
-    if P and (test_position >= 0).any():
+    if placed:
         gen["prior_test_conditioned_nll_bits"] = prior_nll_bits(
             prior, test_res["indices"], args.batch_size, device, precision,
             *conditions(test_res["indices"], test_position, test_previous, prior.cfg))
-        gen["position"] = measure_positions(prior, model, gan, args, g, samples, real, test_set.files, test_position,
-                                           device, precision)
+        gen["position"] = measure_positions(samples, at_positions, free, asked, real, test_set.files, test_position,
+                                           args.slice_position, P, device)
     if args.num_volumes:
-        with autocast_for(device, precision):
-            volumes = generate_volumes(prior, model, args, g, device, gan)  # (V, P, 1, H, W)
         write_volumes(out_dir, volumes, affine, header)
         flat = volumes.flatten(0, 1)
         chain = torch.arange(len(flat)) - 1
@@ -333,26 +348,22 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
     return gen
 
 
-def measure_positions(prior, model, gan, args, generator, samples, real, files, test_position, device, precision):
-    """How near slices generated at a position lie to it: n samples asked at positions spread over
-    the volume, each placed at the position of its nearest real test slice by SSIM, against n
-    unconditional samples placed the same way (the baseline: a model that ignores the position) ->
-    their mean absolute errors in slices (and that of the samples at --slice_position, and that of
-    real test slices placed the same way among the other test volumes)."""
-    n, P = args.num_samples, prior.cfg.num_positions
-    asked = torch.arange(n) * P // n  # (n,) spread evenly over 0 .. P-1
+def measure_positions(samples, conditioned, free, asked, real, files, test_position, at, P, device):
+    """How near slices generated at a position lie to it: conditioned (n, 1, H, W), samples asked at
+    the positions `asked` (n,) spread over the volume, each placed at the position of its nearest real
+    test slice by SSIM, against n unconditional samples `free` placed the same way (the baseline: a model
+    that ignores the position) -> their mean absolute errors in slices (and that of `samples` at
+    slice_position, when given, and that of real test slices placed the same way among the other test
+    volumes)."""
+    n = len(asked)
     known = test_position >= 0
     refs, ref_position = real[known], test_position[known]
-    with autocast_for(device, precision):
-        conditioned = decode(model, sample_codes(prior, n, args, generator, asked.to(device)), args.batch_size, gan)
-        free = samples if args.slice_position is None else decode(model, sample_codes(prior, n, args, generator),
-                                                                  args.batch_size, gan)
     out = {"n": n, "num_positions": P, "reference": f"nearest of {len(refs)} test slices by SSIM",
            "conditioned_mae": position_error(ref_position[max_ssim_to(conditioned, refs, device)[1]], asked),
            "unconditional_mae": position_error(ref_position[max_ssim_to(free, refs, device)[1]], asked)}
-    if args.slice_position is not None:
+    if at is not None:
         found = ref_position[max_ssim_to(samples, refs, device)[1]]
-        out["slice_position_mae"] = position_error(found, torch.full_like(found, args.slice_position))
+        out["slice_position_mae"] = position_error(found, torch.full_like(found, at))
     # What real slices score by the same method: each test slice placed by its nearest slice of the
     # other test volumes (the floor of this measure: anatomy differs from patient to patient).
     names = [slice_position(f)[0] for f, k in zip(files, known.tolist()) if k]
@@ -444,6 +455,7 @@ def print_generation(gen, out_dir):
     gan = gen.get("decoder") == "adversarial"
     for name, label in (("samples", "samples" + (" (adversarial)" if gan else "")),
                         ("samples_mse_decoder", "samples (MSE decoder)"),
+                        ("samples_at_positions", "samples at positions"), ("volume_slices", "volume slices"),
                         ("reconstructions", "test reconstructions"),
                         ("reconstructions_adversarial", "  (adversarial)"), ("train_subset", "real train slices")):
         if name not in fids:

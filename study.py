@@ -65,6 +65,15 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "lookup_pure_l1_cosine_aug": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation",
                                   [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
                                    *AUG]),
+    "lookup_pure_l1_cosine_b16": ("+ 8-dim lookup + L1 loss alone + cosine LR, batch 16, last epoch",
+                                  [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
+                                   "--batch_size", "16", "--best_by", "last"]),
+    "lookup_pure_l1_cosine_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR, batch 8, last epoch",
+                                 [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
+                                  "--batch_size", "8", "--best_by", "last"]),
+    "lookup_pure_l1_cosine_aug_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation, batch 8, last epoch",
+                                     [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
+                                      *AUG, "--batch_size", "8", "--best_by", "last"]),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
@@ -284,8 +293,8 @@ def main(args):
     print("\n| configuration | params | GFLOP / image | s / step | steps (budget) | test SSIM | PSNR (dB) | codes used: "
           "test / validation | perplexity | KID recon (real-vs-real) | best epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        steps = r[12] * num_batches(n_train, run_config(data).train.batch_size)
+    for name, r in zip(names, rows):
+        steps = r[12] * num_batches(n_train, run_config([*data, *CONFIGS[name][1]]).train.batch_size)
         print(f"| {r[0]} | {r[9] / 1e6:.2f}M | {r[10]:.2f} | {r[11]:.2f} | {steps} ({steps * r[11] / 60:.1f} min) | "
               f"{r[1]:.4f} +- {r[2]:.4f} | {r[3]:.2f} | {r[4]:.1%} / {r[8]:.1%} | {r[5]:.1f} | "
               f"{r[13]:.4f} ({r[15]:.4f}) | {r[7]} / {r[12]} |")

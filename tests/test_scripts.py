@@ -114,8 +114,9 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
     assert gen["num_samples"] == 64 and gen["prior_checkpoint"].endswith("runs/001/prior_best.pt")
     assert (out / "samples_grid.png").is_file() and (out / "samples_vs_real.png").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == [f"sample_{i:03d}.nii.gz" for i in range(64)]
-    for name in ("samples", "reconstructions", "train_subset"):
+    for name in ("samples", "samples_at_positions", "reconstructions", "train_subset"):  # the prior knows positions
         assert gen["fid"][name] > 0 and gen["kid"][name]["std"] >= 0
+    assert "volume_slices" not in gen["fid"] and "samples at positions" in proc.stdout
     mem = gen["memorisation"]
     assert -1 <= mem["samples_max_ssim_to_train_mean"] <= mem["samples_max_ssim_to_train_max"] <= 1
     assert 0 < gen["diversity"]["samples_codebook_usage"] <= 1 and gen["prior_test_nll_bits"] > 0
@@ -159,6 +160,8 @@ def test_slices_at_a_position_and_whole_volumes(trained):
     pos, vol = gen["position"], gen["volumes"]
     assert pos["num_positions"] == 4 and 0 <= pos["conditioned_mae"] <= 3 and 0 <= pos["slice_position_mae"] <= 2
     assert vol["slices"] == 4 and vol["real_pairs"] == 3 and -1 <= vol["neighbour_ssim"] <= 1
+    # All 8 slices of the volumes are scored; samples asked at one position are not spread over the volume.
+    assert gen["kid"]["volume_slices"]["std"] >= 0 and "samples_at_positions" not in gen["fid"]
     assert -1 <= vol["reconstructed_neighbour_ssim"] <= 1 and "between their reconstructions" in proc.stdout
     assert sorted(p.name for p in (out / "volumes").iterdir()) == ["volume_000.nii.gz", "volume_001.nii.gz"]
     img = nib.load(out / "volumes" / "volume_001.nii.gz")
