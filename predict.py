@@ -10,7 +10,8 @@ on its source's grid, affine and header (recon/), so it opens beside its source 
 With a prior, it also samples --num_samples code maps, decodes them and writes samples_grid.png,
 samples_vs_real.png and samples/sample_NNN.nii.gz, and adds the generation metrics to metrics.json:
 the prior's test NLL, FID and KID (samples, reconstructions and real train slices, each against the
-test split), memorisation (each sample's highest SSIM to any training slice) and code diversity.
+test split; also samples asked at positions spread over the volume, and every volume slice, where
+those are drawn), memorisation (each sample's highest SSIM to any training slice) and code diversity.
 With a prior trained on slice positions (the release's file names carry them: ..._slice_17.nii.gz) it
 also measures how near samples asked at a position lie to it (the position of the nearest real test
 slice), against unconditional samples; --slice_position K generates the samples at position K, and
