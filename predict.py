@@ -353,9 +353,9 @@ def measure_positions(samples, conditioned, free, asked, real, files, test_posit
     """How near slices generated at a position lie to it: conditioned (n, 1, H, W), samples asked at
     the positions `asked` (n,) spread over the volume, each placed at the position of its nearest real
     test slice by SSIM, against n unconditional samples `free` placed the same way (the baseline: a model
-    that ignores the position) -> their mean absolute errors in slices (and that of `samples` at
-    slice_position, when given, and that of real test slices placed the same way among the other test
-    volumes)."""
+    that ignores the position) -> their mean absolute errors in slices (and that of `samples` when they
+    were all asked at the position `at`, None: not, and that of real test slices placed the same way
+    among the other test volumes)."""
     n = len(asked)
     known = test_position >= 0
     refs, ref_position = real[known], test_position[known]
