@@ -276,7 +276,7 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
     if placed and args.slice_position is None:  # at --slice_position the samples are all at one position
         sets["samples_at_positions"] = at_positions
     if args.num_volumes:  # every slice of every volume: V x P slices, not num_samples
-        sets["volume_slices"] = volumes.flatten(0, 1)
+        sets["volume_slices"] = flat = volumes.flatten(0, 1)
     if gan:  # the same codes through the other decoder: what the adversarial one changes
         with autocast_for(device, precision):
             sets["samples_mse_decoder"] = decode(model, codes, args.batch_size)
@@ -327,7 +327,6 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
                                            args.slice_position, P, device)
     if args.num_volumes:
         write_volumes(out_dir, volumes, affine, header)
-        flat = volumes.flatten(0, 1)
         chain = torch.arange(len(flat)) - 1
         chain[::P] = -1  # the first slice of each volume has no previous one
         real_ssim, real_pairs = neighbour_ssim(real, test_previous)

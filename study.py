@@ -47,6 +47,7 @@ LOOKUP = [*DEFAULTS_V1, "--lookup_dim", "8"]
 LOOKUP_L1 = [*LOOKUP, "--recon_loss", "l1+mse"]
 RESNET = [*LOOKUP_L1, "--arch", "resnet", "--channels", "16", "32", "64", "128", "--blocks", "0", "1", "1", "2"]
 RESNET_COSINE = [*RESNET, "--lr_schedule", "cosine", "--warmup_steps", "20"]
+L1_COSINE = [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20"]  # the long recipe
 AUG = ["--aug_flip", "0.5", "--aug_rotate", "5", "--aug_scale", "0.05", "--aug_shift", "0.03", "--aug_gamma", "0.1"]
 CONFIGS = {  # name: (label in the table, flags); later flags win, so each row adds to the one before
     "seed": ("seed: gradient codebook with +-1/K init", SEED),
@@ -60,20 +61,14 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "lookup_l1_cosine": ("+ L1 + MSE + cosine LR (20 warm-up steps)",
                          [*LOOKUP_L1, "--lr_schedule", "cosine", "--warmup_steps", "20"]),
     "lookup_pure_l1": ("+ 8-dim lookup + L1 loss alone", [*LOOKUP, "--recon_loss", "l1"]),
-    "lookup_pure_l1_cosine": ("+ 8-dim lookup + L1 loss alone + cosine LR (20 warm-up steps)",
-                              [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20"]),
-    "lookup_pure_l1_cosine_aug": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation",
-                                  [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
-                                   *AUG]),
+    "lookup_pure_l1_cosine": ("+ 8-dim lookup + L1 loss alone + cosine LR (20 warm-up steps)", L1_COSINE),
+    "lookup_pure_l1_cosine_aug": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation", [*L1_COSINE, *AUG]),
     "lookup_pure_l1_cosine_b16": ("+ 8-dim lookup + L1 loss alone + cosine LR + batch 16 + last epoch",
-                                  [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
-                                   "--batch_size", "16", "--best_by", "last"]),
+                                  [*L1_COSINE, "--batch_size", "16", "--best_by", "last"]),
     "lookup_pure_l1_cosine_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR + batch 8 + last epoch",
-                                 [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
-                                  "--batch_size", "8", "--best_by", "last"]),
+                                 [*L1_COSINE, "--batch_size", "8", "--best_by", "last"]),
     "lookup_pure_l1_cosine_aug_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation + batch 8 + last epoch",
-                                     [*LOOKUP, "--recon_loss", "l1", "--lr_schedule", "cosine", "--warmup_steps", "20",
-                                      *AUG, "--batch_size", "8", "--best_by", "last"]),
+                                     [*L1_COSINE, *AUG, "--batch_size", "8", "--best_by", "last"]),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),
