@@ -18,7 +18,9 @@ with the command of each row.
 import argparse
 import csv
 import json
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -28,11 +30,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import predict
 import train
-from dataset import load_split, num_batches, resolve_data_dir
+from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
-from metrics import evaluate, inception_features, kid
+from metrics import evaluate, fid, inception_features, kid
 from modules import VQVAE
-from utils import ProjectError, load_checkpoint, load_vqvae, run_main, write_csv, write_nifti_gz
+from utils import (ProjectError, load_checkpoint, load_prior, load_vqvae, run_main, save_checkpoint, settings_from,
+                   write_csv, write_json, write_nifti_gz)
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
@@ -201,6 +204,62 @@ def recon_kid(run_dir, data_dir, seed=0):
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:len(test)]
     f_test, f_recon, f_train = (inception_features(x, device) for x in (test, recons, train_images[pick]))
     return kid(f_recon, f_test), kid(f_train, f_test)
+
+
+def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=None, **sampling):
+    """KID and FID against the test split of num_samples samples (None: as many as test slices) from
+    run_dir's prior (prior_best.pt), once per seed, drawn as predict.py draws its samples with --seed S
+    and the sampling flags `sampling` (guidance, temperature, top_k, top_p); random_positions: each
+    sample at a position drawn uniformly from the prior's (guided by `guidance`)
+    -> [(kid mean, kid sd, fid)] per seed."""
+    device = torch.device("cpu")
+    run_dir = Path(run_dir)
+    vq_ckpt = load_checkpoint(run_dir / "best.pt")
+    model = load_vqvae(vq_ckpt, run_dir / "best.pt", device)
+    prior_path = run_dir / "prior_best.pt"
+    prior = load_prior(load_checkpoint(prior_path, kind="prior"), prior_path, device)
+    test = load_split(recorded_data_dir(vq_ckpt["config"], run_dir / "best.pt"), "test", model.cfg.image_size)
+    f_test = inception_features(test.images.float(), device)
+    n, out = num_samples or len(test.images), []
+    for seed in seeds:
+        args = replace(settings_from(predict.PredictConfig, {"num_samples": n, **sampling}), seed=seed)
+        position = None
+        if random_positions:
+            position = torch.randint(prior.cfg.num_positions, (n,), generator=torch.Generator().manual_seed(seed))
+        codes = predict.sample_codes(prior, n, args, torch.Generator(device).manual_seed(seed), position)
+        f = inception_features(predict.decode(model, codes, args.batch_size), device)
+        out.append((*kid(f, f_test), fid(f, f_test)))
+    return out
+
+
+def patient_subset(run_dir, num_patients, out_dir, seed=0):
+    """A copy of run_dir's VQ-VAE (best.pt, last.pt, config.json) in out_dir whose recorded data is
+    out_dir/data: the first num_patients training patients of a seeded shuffle (slices copied) and the
+    run's own validation and test slices, so that `train.py --stage prior --resume out_dir` trains a
+    prior on fewer patients and is judged on the same unseen ones. Returns out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    src = recorded_data_dir(load_checkpoint(run_dir / "best.pt")["config"], run_dir / "best.pt")
+    if src is None:
+        raise ProjectError(f"{run_dir} trained on the built-in phantom; patient_subset needs a run on a data folder")
+    train_files = sorted((src / "keras_slices_train").glob("*.nii*"))
+    patients = sorted({slice_position(f)[0] for f in train_files})
+    if not 1 <= num_patients <= len(patients):
+        raise ProjectError(f"{src} has {len(patients)} training patients; pick num_patients in 1..{len(patients)}")
+    keep = {patients[i] for i in np.random.default_rng(seed).permutation(len(patients))[:num_patients]}
+    data = out_dir / "data"
+    for split in ("train", "validate", "test"):
+        dest = data / f"keras_slices_{split}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / f"keras_slices_{split}").glob("*.nii*")):
+            if split != "train" or slice_position(f)[0] in keep:
+                shutil.copy(f, dest / f.name)
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(run_dir / name)
+        ckpt["config"]["data_dir"] = str(data.resolve())
+        save_checkpoint(out_dir / name, ckpt)
+    config = json.loads((run_dir / "config.json").read_text())
+    write_json(out_dir / "config.json", {**config, "data_dir": str(data.resolve())})
+    return out_dir
 
 
 def read_metrics(run_dir):

@@ -144,7 +144,36 @@ def test_generated_slices_round_trip_through_nifti(trained):
         assert img.shape == (32, 16) and img.get_data_dtype() == np.float32
         assert np.allclose(img.affine, np.eye(4))  # no training slice is stored at 32x16: identity
         assert np.allclose(img.get_fdata(), expected[i, 0].numpy(), atol=1e-6)
-    assert json.loads((out / "metrics.json").read_text())["generation"]["top_k"] == 5
+    gen = json.loads((out / "metrics.json").read_text())["generation"]
+    assert gen["top_k"] == 5
+    # The study's sample_kid draws and scores them as predict.py does.
+    import study
+    [(kid_mean, kid_sd, fid)] = study.sample_kid(run_dir, seeds=(7,), num_samples=3, temperature=0.8, top_k=5)
+    assert kid_mean == pytest.approx(gen["kid"]["samples"]["mean"], abs=1e-6)
+    assert fid == pytest.approx(gen["fid"]["samples"], abs=1e-4)
+
+
+def test_patient_subset_keeps_whole_patients_and_the_same_held_out_splits(trained, tmp_path):
+    """study.patient_subset: a copy of the run whose training split is k whole patients of the run's,
+    with the same validation and test slices, recorded in its checkpoints, the model unchanged."""
+    import study
+    from dataset import slice_position
+    cwd, run_dir, _ = trained
+    out = study.patient_subset(run_dir, 1, tmp_path / "sub")
+    data = out / "data"
+    src = Path(json.loads((run_dir / "config.json").read_text())["data_dir"])
+    train_names = sorted(f.name for f in (data / "keras_slices_train").iterdir())
+    assert len({slice_position(f)[0] for f in train_names}) == 1 and len(train_names) == 4  # one whole patient
+    assert set(train_names) < set(f.name for f in (src / "keras_slices_train").iterdir())
+    for split in ("validate", "test"):
+        assert sorted(f.name for f in (data / f"keras_slices_{split}").iterdir()) == \
+            sorted(f.name for f in (src / f"keras_slices_{split}").iterdir())
+    old, new = (torch.load(d / "best.pt", weights_only=True) for d in (run_dir, out))
+    assert new["config"]["data_dir"] == str(data.resolve()) and new["epoch"] == old["epoch"]
+    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(data.resolve())
+    with pytest.raises(study.ProjectError, match="1..2"):
+        study.patient_subset(run_dir, 3, tmp_path / "sub3")
 
 
 def test_slices_at_a_position_and_whole_volumes(trained):
