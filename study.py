@@ -242,6 +242,10 @@ def patient_subset(run_dir, num_patients, out_dir, seed=0):
     if src is None:
         raise ProjectError(f"{run_dir} trained on the built-in phantom; patient_subset needs a run on a data folder")
     train_files = sorted((src / "keras_slices_train").glob("*.nii*"))
+    unnamed = [f.name for f in train_files if slice_position(f) is None]
+    if unnamed:
+        raise ProjectError(f"{src / 'keras_slices_train' / unnamed[0]} does not name its patient as the release does "
+                           f"(case_004_week_0_slice_17.nii.gz); patient_subset needs release names")
     patients = sorted({slice_position(f)[0] for f in train_files})
     if not 1 <= num_patients <= len(patients):
         raise ProjectError(f"{src} has {len(patients)} training patients; pick num_patients in 1..{len(patients)}")
