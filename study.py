@@ -20,7 +20,6 @@ import csv
 import json
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -222,7 +221,7 @@ def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=Non
     f_test = inception_features(test.images.float(), device)
     n, out = num_samples or len(test.images), []
     for seed in seeds:
-        args = replace(settings_from(predict.PredictConfig, {"num_samples": n, **sampling}), seed=seed)
+        args = settings_from(predict.PredictConfig, {"num_samples": n, "seed": seed, **sampling})
         position = None
         if random_positions:
             position = torch.randint(prior.cfg.num_positions, (n,), generator=torch.Generator().manual_seed(seed))
@@ -238,9 +237,8 @@ def patient_subset(run_dir, num_patients, out_dir, seed=0):
     run's own validation and test slices, so that `train.py --stage prior --resume out_dir` trains a
     prior on fewer patients and is judged on the same unseen ones. Returns out_dir."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    src = recorded_data_dir(load_checkpoint(run_dir / "best.pt")["config"], run_dir / "best.pt")
-    if src is None:
-        raise ProjectError(f"{run_dir} trained on the built-in phantom; patient_subset needs a run on a data folder")
+    ckpts = {name: load_checkpoint(run_dir / name) for name in ("best.pt", "last.pt")}
+    src = recorded_data_dir(ckpts["best.pt"]["config"], run_dir / "best.pt")
     train_files = sorted((src / "keras_slices_train").glob("*.nii*"))
     unnamed = [f.name for f in train_files if slice_position(f) is None]
     if unnamed:
@@ -257,8 +255,7 @@ def patient_subset(run_dir, num_patients, out_dir, seed=0):
         for f in sorted((src / f"keras_slices_{split}").glob("*.nii*")):
             if split != "train" or slice_position(f)[0] in keep:
                 shutil.copy(f, dest / f.name)
-    for name in ("best.pt", "last.pt"):
-        ckpt = load_checkpoint(run_dir / name)
+    for name, ckpt in ckpts.items():
         ckpt["config"]["data_dir"] = str(data.resolve())
         save_checkpoint(out_dir / name, ckpt)
     config = json.loads((run_dir / "config.json").read_text())
