@@ -170,7 +170,7 @@ class VQVAEConfig:
     attention: bool = setting(False, "resnet: one self-attention block at the code map's resolution in the encoder "
                               "and in the decoder")
     embedding_dim: int = setting(128, "length of the vector the decoder receives per code", rule=">= 1")
-    lookup_dim: int = setting(0, "look codes up in this many dimensions, l2-normalised (cosine distance), with "
+    lookup_dim: int = setting(8, "look codes up in this many dimensions, l2-normalised (cosine distance), with "
                               "linear projections from and back to embedding_dim (Yu et al. 2022); 0: plain "
                               "L2 lookup in embedding_dim, as the seed", rule="in [0, 4096]")
     num_embeddings: int = setting(512, "codebook size K", rule=">= 1")

@@ -39,9 +39,11 @@ from utils import (ProjectError, load_checkpoint, load_prior, load_vqvae, run_ma
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
 # the seed's net, loss, data and choice of best.pt
-PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", "--best_by", "mse", *AUG_OFF]
+PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", "--best_by", "mse", "--batch_size", "32",
+         *AUG_OFF]
 SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
 # The codebook study's defaults (DEFAULTS_V1); the quality study's ladder adds one change at a time to them.
+# Batch 32 is spelled out too: the defaults' batch changed after these studies (see the README).
 DEFAULTS_V1 = [*PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
                "--lr_schedule", "constant"]
 HEALTHY = ["--ema", *DEFAULTS_V1]
@@ -55,9 +57,11 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "seed": ("seed: gradient codebook with +-1/K init", SEED),
     "ema": ("EMA", ["--ema", *SEED]),
     "grad_init_restart": ("gradient + k-means init + restart (the defaults before the quality study)", DEFAULTS_V1),
+    "grad_init_restart_b8": ("gradient + k-means init + restart + batch 8", [*DEFAULTS_V1, "--batch_size", "8"]),
     "ema_init_restart": ("EMA + k-means init + restart", HEALTHY),
     "ema_init_restart_ssim": ("EMA + init + restart + SSIM loss 0.2", [*HEALTHY, "--ssim_weight", "0.2"]),
-    "ema_init_restart_cosine": ("EMA + init + restart + cosine LR", [*HEALTHY, "--lr_schedule", "cosine"]),
+    "ema_init_restart_cosine": ("EMA + init + restart + cosine LR",
+                                [*HEALTHY, "--lr_schedule", "cosine", "--warmup_steps", "100"]),
     "lookup": ("+ 8-dim l2-normalised lookup", LOOKUP),
     "lookup_l1": ("+ L1 + MSE loss", LOOKUP_L1),
     "lookup_l1_cosine": ("+ L1 + MSE + cosine LR (20 warm-up steps)",
@@ -65,6 +69,8 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
     "lookup_pure_l1": ("+ 8-dim lookup + L1 loss alone", [*LOOKUP, "--recon_loss", "l1"]),
     "lookup_pure_l1_cosine": ("+ 8-dim lookup + L1 loss alone + cosine LR (20 warm-up steps)", L1_COSINE),
     "lookup_pure_l1_cosine_aug": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation", [*L1_COSINE, *AUG]),
+    "lookup_pure_l1_b8": ("+ 8-dim lookup + L1 loss alone + batch 8 + last epoch",
+                          [*LOOKUP, "--recon_loss", "l1", "--batch_size", "8", "--best_by", "last"]),
     "lookup_pure_l1_cosine_b16": ("+ 8-dim lookup + L1 loss alone + cosine LR + batch 16 + last epoch",
                                   [*L1_COSINE, "--batch_size", "16", "--best_by", "last"]),
     "lookup_pure_l1_cosine_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR + batch 8 + last epoch",

@@ -67,9 +67,10 @@ class TrainConfig:
     out_dir: str = setting(None, "run folder; None: the next runs/NNN")
     epochs: int = setting(20, "passes over the training split (with --resume: the run's own unless given; "
                           "more extends it)", rule=">= 1")
-    batch_size: int = setting(32, "slices per Adam step (the global batch under torchrun)", rule=">= 1")
+    batch_size: int = setting(8, "slices per Adam step (the global batch under torchrun); the seed's 32 takes four "
+                              "times fewer steps per epoch (README: the batch study)", rule=">= 1")
     lr: float = setting(1e-3, "Adam learning rate", rule="> 0")
-    recon_loss: str = setting("mse", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
+    recon_loss: str = setting("l1", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
                               "paper and the seed), l1 (of a Laplacian one) or l1+mse (their sum)",
                               choices=("mse", "l1", "l1+mse"))
     ssim_weight: float = setting(0.0, "adds ssim_weight * (1 - SSIM) to the reconstruction loss; 0: none",
@@ -86,10 +87,10 @@ class TrainConfig:
                                rule="in [0, 0.5]")
     aug_gamma: float = setting(0.0, "largest |log gamma| of a training slice's intensity gamma (the [0, 1] image "
                                "to the power exp(uniform(-g, g)))", rule="in [0, 1]")
-    lr_schedule: str = setting("constant", "constant as in the seed, or linear warm-up then cosine decay to 0",
+    lr_schedule: str = setting("cosine", "constant as in the seed, or linear warm-up then cosine decay to 0",
                                choices=("constant", "cosine"))
-    warmup_steps: int = setting(100, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
-    best_by: str = setting("mse", "which epoch best.pt (and so the prior's codes and predict.py) keeps: the lowest "
+    warmup_steps: int = setting(20, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
+    best_by: str = setting("last", "which epoch best.pt (and so the prior's codes and predict.py) keeps: the lowest "
                            "validation MSE, or the last (for --lr_schedule cosine, whose last epochs sharpen the "
                            "decoder while the MSE rises: README)", choices=("mse", "last"))
     seed: int = setting(0, "seeds the model init and the data order", rule=">= 0")
