@@ -197,7 +197,7 @@ def test_augmented_copies_transform_a_slice_and_its_previous_slice_alike():
     from train import PriorTrainConfig, augmented_codes
     torch.manual_seed(0)
     vqvae = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8,
-                              num_downsampling_layers=2, embedding_dim=8, num_embeddings=32)).eval()
+                              num_downsampling_layers=2, embedding_dim=8, num_embeddings=32, lookup_dim=0)).eval()
     images = torch.rand(6, 1, 32, 16).repeat_interleave(2, 0)  # slices 2i and 2i + 1 alike
     previous = torch.tensor([[-1, 2 * i] for i in range(6)]).flatten()  # 2i + 1 follows 2i
     args = PriorTrainConfig(batch_size=4, aug_copies=3)

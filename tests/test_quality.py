@@ -9,9 +9,10 @@ from study import cut_standin
 from test_data import REAL
 from test_scripts import run
 
-EPOCHS = 40  # 120 Adam steps on the stand-in's 70 training slices
-# Measured with the defaults at EPOCHS: test SSIM 0.630 +- 0.023 and 72.3% of the codes on the test
-# slab. The seed configuration at the same budget: validation SSIM 0.30 with 0.6% of the codes.
+EPOCHS = 40  # 360 Adam steps of 8 on the stand-in's 70 training slices
+# Measured with the defaults at EPOCHS: test SSIM 0.752 +- 0.020 and 87.1% of the codes on the test
+# slab (the defaults before, at batch 32: 0.630 and 72.3%). The seed configuration at 40 epochs of
+# batch 32: validation SSIM 0.30 with 0.6% of the codes.
 MIN_SSIM = 0.55
 MIN_USAGE = 0.50
 

@@ -251,9 +251,33 @@ def run_config(*argv):
     return train.RunConfig.from_flags(vars(train.get_parser().parse_args(list(argv))))
 
 
+# The seed configuration as the README writes it (section "Codebook health").
+SEED_COMMAND = ("--codebook_init uniform --restart_after 0 --lookup_dim 0 --recon_loss mse --lr_schedule constant "
+                "--best_by mse --batch_size 32")
+
+
+def test_seed_configuration_is_one_command_away():
+    """Whatever the defaults, the README's seed command trains the seed: its net (3 stride-2 4x4 convs,
+    2 residual layers of 32), 512 codes of 128 dims in a plain lookup with its uniform init and no
+    restarts, beta 0.25, EMA off (decay 0.99 when on), Adam 1e-3 at a constant rate, batch 32,
+    20 epochs, MSE, no augmentation, best.pt by validation MSE."""
+    assert f"python train.py {SEED_COMMAND}" in (ROOT / "README.md").read_text()
+    run = run_config(*SEED_COMMAND.split())
+    m, t = run.model, run.train
+    assert (m.arch, m.num_downsampling_layers, m.num_hiddens, m.num_residual_layers, m.num_residual_hiddens) == \
+        ("seed", 3, 128, 2, 32)
+    assert (m.num_embeddings, m.embedding_dim, m.lookup_dim, m.codebook_init, m.restart_after) == \
+        (512, 128, 0, "uniform", 0)
+    assert (m.commitment_cost, m.ema, m.decay) == (0.25, False, 0.99)
+    assert (t.lr, t.lr_schedule, t.batch_size, t.epochs, t.recon_loss, t.ssim_weight, t.best_by) == \
+        (1e-3, "constant", 32, 20, "mse", 0.0, "mse")
+    assert (t.aug_flip, t.aug_rotate, t.aug_scale, t.aug_shift, t.aug_gamma) == (0, 0, 0, 0, 0)
+    assert run_config("--ema", *SEED_COMMAND.split()).model.ema  # the seed's EMA option
+
+
 def test_learning_rate_schedules():
     import train
-    args = run_config().train
+    args = run_config("--lr_schedule", "constant").train
     assert all(train.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
     args = run_config("--lr_schedule", "cosine", "--warmup_steps", "10").train
     lrs = [train.lr_at(k, args, 200) for k in range(200)]
@@ -409,4 +433,6 @@ def test_compile_with_the_lookup_and_gradient_restarts_is_refused():
     with pytest.raises(ProjectError, match="--compile with --lookup_dim"):
         train.check_run(run_config("--compile", "--lookup_dim", "8"), 1)
     train.check_run(run_config("--compile", "--lookup_dim", "8", "--ema"), 1)
-    train.check_run(run_config("--compile"), 1)
+    with pytest.raises(ProjectError, match="--compile with --lookup_dim"):  # the defaults use the lookup
+        train.check_run(run_config("--compile"), 1)
+    train.check_run(run_config("--compile", "--lookup_dim", "0"), 1)
