@@ -5,7 +5,8 @@ Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--
        python train.py --stage gan --resume runs/NNN --gan_epochs 10   (an adversarial decoder for it)
 
 Stage 1 (VQ-VAE) writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt,
-metrics.csv, best.pt (lowest validation reconstruction MSE), last.pt, epoch_NNN_comparison.png,
+metrics.csv, best.pt (the last epoch; with --best_by mse the lowest validation reconstruction MSE), last.pt,
+epoch_NNN_comparison.png,
 loss_per_batch.png, ssim_per_epoch.png and codebook_usage_per_epoch.png.
 Stage 2 (prior) encodes the training and validation splits once with the frozen best.pt and trains the
 autoregressive prior on those code maps, in the same folder: prior_config.json, prior_metrics.csv,
@@ -225,6 +226,12 @@ def refuse_changes(old, typed, free, what, fix):
         raise ProjectError(f"{what} {was} but this command asks {now}; {fix}")
 
 
+# How a run trained before these flags were recorded in its config: the seed's loss, constant rate and
+# best.pt by validation MSE. The defaults changed later (README: the batch study); a resumed old run
+# must go on as it began.
+TRAIN_BEFORE = {"recon_loss": "mse", "lr_schedule": "constant", "warmup_steps": 100, "best_by": "mse"}
+
+
 def resume_run(flags):
     """--resume RUN_DIR or CHECKPOINT -> (checkpoint, the run's RunConfig rebuilt from it). Of the flags
     typed now, only RESUMABLE, the prior's and the adversarial decoder's may differ from the run's; any
@@ -237,9 +244,10 @@ def resume_run(flags):
         raise ProjectError(f"{path} is from epoch {ckpt['epoch']} but the run went on (see {last}); "
                            f"resume the run folder {path.parent}, which continues from its last epoch")
     # The run's flags: the model's from model_args, the rest from config; flags added since the run
-    # was made take their defaults (the model's those of the seed codebook, see VQVAEConfig.from_dict).
+    # was made take the values runs had before them (the model's those of the seed codebook, see
+    # VQVAEConfig.from_dict; the training's TRAIN_BEFORE), else their defaults.
     defaults = RunConfig.from_flags({}).flags()
-    old = {**defaults, **{k: v for k, v in ckpt["config"].items() if k in defaults},
+    old = {**defaults, **TRAIN_BEFORE, **{k: v for k, v in ckpt["config"].items() if k in defaults},
            **flags_of(VQVAEConfig.from_dict(ckpt["model_args"])), "out_dir": str(path.parent)}
     refuse_changes(old, flags, RESUMABLE + tuple(prior_flag_names() + gan_flag_names()),
                    f"cannot resume {path}: the run was made with",
@@ -429,7 +437,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
 
     stop_together(writer.close() if main_rank else None, world_size, device)
     if main_rank:
-        save_vqvae_curves(out_dir, rows, batch_losses, args.ssim_weight, cfg.num_embeddings)
+        save_vqvae_curves(out_dir, rows, batch_losses, args.ssim_weight, cfg.num_embeddings, args.recon_loss)
         if world_size > 1:
             log(f"{world_size} processes: the codebook was identical on every rank after every epoch")
         log(f"done: {'last' if args.best_by == 'last' else 'best'} validation reconstruction MSE {best_val:.4f}; "
@@ -487,11 +495,12 @@ def epoch_line(row, lr, improved):
             f"{row['perplexity']:.1f} | lr {lr:.2g} | {row['seconds']:.0f}s" + (" | best" if improved else ""))
 
 
-def save_vqvae_curves(out_dir, rows, batch_losses, ssim_weight, num_embeddings):
+def save_vqvae_curves(out_dir, rows, batch_losses, ssim_weight, num_embeddings, recon_loss):
     """The run's curves: training loss per batch, SSIM and codebook usage per epoch."""
     column = {name: [r[METRICS.index(name)] for r in rows] for name in METRICS}
     save_curves(out_dir / "loss_per_batch.png", {"train loss": batch_losses}, "batch", "loss",
-                "training loss (MSE + VQ terms" + (" + SSIM term" if ssim_weight else "") + ") per batch")
+                f"training loss ({recon_loss.upper()} + VQ terms" + (" + SSIM term" if ssim_weight else "")
+                + ") per batch")
     save_curves(out_dir / "ssim_per_epoch.png",
                 {"train SSIM": column["train_ssim"], "validation SSIM": column["val_ssim"]},
                 "epoch", "SSIM (Gaussian, data range 1)", "SSIM per epoch")
