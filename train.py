@@ -6,8 +6,7 @@ Usage: python train.py [--data_dir /path/to/keras_slices_data] [--epochs 20] [--
 
 Stage 1 (VQ-VAE) writes to a new run folder (runs/NNN unless --out_dir): config.json, log.txt,
 metrics.csv, best.pt (the last epoch; with --best_by mse the lowest validation reconstruction MSE), last.pt,
-epoch_NNN_comparison.png,
-loss_per_batch.png, ssim_per_epoch.png and codebook_usage_per_epoch.png.
+epoch_NNN_comparison.png, loss_per_batch.png, ssim_per_epoch.png and codebook_usage_per_epoch.png.
 Stage 2 (prior) encodes the training and validation splits once with the frozen best.pt and trains the
 autoregressive prior on those code maps, in the same folder: prior_config.json, prior_metrics.csv,
 prior_best.pt (lowest validation NLL), prior_last.pt, prior_epoch_NNN_samples.png and
