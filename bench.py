@@ -33,10 +33,11 @@ import predict
 import train
 from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
 from metrics import evaluate
-from modules import VQVAE, build_prior
-from utils import (ProjectError, autocast_for, configure_backends, latest_checkpoint, load_checkpoint, load_prior,
-                   load_vqvae, make_checkpoint, pick_device, run_main, save_checkpoint, seed_everything, to_unit,
-                   uses_bf16)
+from modules import VQVAE
+from prior import build_prior
+from runs import open_run
+from utils import (ProjectError, autocast_for, configure_backends, load_checkpoint, make_checkpoint, pick_device,
+                   run_main, save_checkpoint, seed_everything, to_unit, uses_bf16)
 
 REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
 SLICES_PER_PATIENT = 60
@@ -128,72 +129,80 @@ def train_phase(kind, root, image_size, steps, device_name, model_flags, cache):
     configure_backends(device)
     seed_everything(0)
     run = train_run(device, image_size)
-    args, cfg = run.train, run.model
-    res = {}
-    if kind == "ours":
-        images = place(load_split(root, "train", image_size, cache_dir=cache), device)
-        model, net = train.build_model(cfg, device)
-        optimizer = train.build_optimizer(model, args.lr, device)
-        batches = []  # steps + 1 batches, over more than one epoch on a small split
-        while len(batches) < steps + 1:
-            batches += epoch_batches(len(images), args.batch_size, 0, len(batches) + 1, images.device)
-        batches = batches[:steps + 1]
-        train.train_epoch(net, optimizer, images, batches[:1], device, args, 0, steps + 1, show=False)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        sums, losses = train.train_epoch(net, optimizer, images, batches[1:], device, args, 1, steps + 1, show=False)
-        losses.tolist()  # the read train.py makes once per epoch
-        res["seconds"] = time.perf_counter() - t0
-        res["images"] = sum(len(b) for b in batches[1:])
-        res["peak"] = peak_memory(device)
-        # The step's work outside the model's forward and backward, each part timed alone on the same
-        # batches: the data path, the optimizer step, and the metrics summed on the device.
-        x = get_batch(images, batches[-1], device)
-        with torch.no_grad(), autocast_for(device, args.precision):
-            out = net(x)
-            loss = recon_loss = F.mse_loss(out["x_recon"].float(), x)
+    return (train_ours if kind == "ours" else train_naive)(root, image_size, steps, device, run, cache)
 
-        def outside():
-            for idx in batches[1:]:
-                get_batch(images, idx, device)
-            for _ in batches[1:]:
-                optimizer.step()
-                train.step_metrics(out, x, loss, recon_loss)
-        res["outside_seconds"] = timed(outside, device)[0]
-    else:
-        model = VQVAE(cfg).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        loader = naive_loader(root / SPLITS["train"], image_size, args.batch_size, shuffle=True)
-        t0 = time.perf_counter()
-        it = iter(loader)  # starts the worker, as every epoch of the seed's loop does
-        batches = [next(it)]
-        res["worker_start"] = time.perf_counter() - t0
-        n_images = 0
-        for i in range(steps + 1):
-            if i == 1:  # the first step (kernels, allocations) is not timed
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-            try:
-                x = batches.pop() if batches else next(it)
-            except StopIteration:  # a small split: the next epoch
-                it = iter(loader)
-                x = next(it)
-            x = x.to(device)
-            n_images += len(x) if i else 0
-            out = model(x)
-            loss = F.mse_loss(out["x_recon"], x) + out["vq_loss"]
-            optimizer.zero_grad()
-            loss.backward()
+
+def train_ours(root, image_size, steps, device, run, cache):
+    """train.py's training step on the decoded split, on the device -> figures (dict)."""
+    args, cfg, res = run.train, run.model, {}
+    images = place(load_split(root, "train", image_size, cache_dir=cache), device)
+    model, net = train.build_model(cfg, device)
+    optimizer = train.build_optimizer(model, args.lr, device)
+    batches = []  # steps + 1 batches, over more than one epoch on a small split
+    while len(batches) < steps + 1:
+        batches += epoch_batches(len(images), args.batch_size, 0, len(batches) + 1, images.device)
+    batches = batches[:steps + 1]
+    train.train_epoch(net, optimizer, images, batches[:1], device, args, 0, steps + 1, show=False)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    sums, losses = train.train_epoch(net, optimizer, images, batches[1:], device, args, 1, steps + 1, show=False)
+    losses.tolist()  # the read train.py makes once per epoch
+    res["seconds"] = time.perf_counter() - t0
+    res["images"] = sum(len(b) for b in batches[1:])
+    res["peak"] = peak_memory(device)
+    # The step's work outside the model's forward and backward, each part timed alone on the same
+    # batches: the data path, the optimizer step, and the metrics summed on the device.
+    x = get_batch(images, batches[-1], device)
+    with torch.no_grad(), autocast_for(device, args.precision):
+        out = net(x)
+        loss = recon_loss = F.mse_loss(out["x_recon"].float(), x)
+
+    def outside():
+        for idx in batches[1:]:
+            get_batch(images, idx, device)
+        for _ in batches[1:]:
             optimizer.step()
-            loss.item()
-            skimage_ssim(out["x_recon"], x)
-        res["seconds"] = time.perf_counter() - t0
-        res["peak"] = peak_memory(device)
-        res["images"] = n_images
+            train.step_metrics(out, x, loss, recon_loss)
+    res["outside_seconds"] = timed(outside, device)[0]
+    return res
+
+
+def train_naive(root, image_size, steps, device, run, cache):
+    """The seed-like loop: a DataLoader over the files, a host sync and skimage SSIM per step -> figures."""
+    args, cfg, res = run.train, run.model, {}
+    model = VQVAE(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loader = naive_loader(root / SPLITS["train"], image_size, args.batch_size, shuffle=True)
+    t0 = time.perf_counter()
+    it = iter(loader)  # starts the worker, as every epoch of the seed's loop does
+    batches = [next(it)]
+    res["worker_start"] = time.perf_counter() - t0
+    n_images = 0
+    for i in range(steps + 1):
+        if i == 1:  # the first step (kernels, allocations) is not timed
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+        try:
+            x = batches.pop() if batches else next(it)
+        except StopIteration:  # a small split: the next epoch
+            it = iter(loader)
+            x = next(it)
+        x = x.to(device)
+        n_images += len(x) if i else 0
+        out = model(x)
+        loss = F.mse_loss(out["x_recon"], x) + out["vq_loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        skimage_ssim(out["x_recon"], x)
+    res["seconds"] = time.perf_counter() - t0
+    res["peak"] = peak_memory(device)
+    res["images"] = n_images
     return res
 
 
@@ -245,21 +254,18 @@ def time_sampling(prior, vqvae, n, device, seed=0):
 
 def sampling_models(args, device):
     """The run's VQ-VAE and prior when there is one, else fresh default models (same cost) -> (vqvae, prior, what)."""
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-    else:
-        try:
-            path = latest_checkpoint()
-        except ProjectError:
-            path = None
-    prior_path = path and Path(path).with_name("prior_best.pt")
-    if prior_path and prior_path.is_file():
-        vqvae = load_vqvae(load_checkpoint(path), path, device)
-        prior = load_prior(load_checkpoint(prior_path, kind="prior"), prior_path, device)
-        return vqvae, prior, f"the models of {path.parent}"
+    try:
+        run = open_run(args.checkpoint, device)
+    except ProjectError:
+        if args.checkpoint:
+            raise
+        run = None
+    if run and (run.dir / "prior_best.pt").is_file():
+        run = open_run(run.path, device, prior=True)
+        return run.model, run.prior, f"the models of {run.dir}"
     torch.manual_seed(0)
-    run = train.RunConfig.from_flags({})  # python train.py's models
-    return (VQVAE(run.model).to(device).eval(), build_prior(run.prior).to(device).eval(),
+    cfg = train.RunConfig.from_flags({})  # python train.py's models
+    return (VQVAE(cfg.model).to(device).eval(), build_prior(cfg.prior).to(device).eval(),
             "fresh default models (no trained run)")
 
 
@@ -291,80 +297,95 @@ def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = tmp / "cache"  # decoded splits: cold first, then warm
+        train_set = bench_data(root, image_size, cache, sizes, targs.batch_size, args.quick, device)
+        bench_training(root, image_size, steps, cache, sizes, targs.batch_size, train_set, device)
+        bench_predict(run, root, image_size, cache, sizes, tmp, device)
+    bench_generation(args, device)
 
-        # ---- data: decode every file once (cold), then read the decoded split back (warm)
-        cold, train_set = timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device)
-        warms = [timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device) for _ in range(3)]
-        warm, train_set = min(warms, key=lambda w: w[0])
-        row(f"data load, cold ({sizes['train']} files)", f"{cold:.2f} s")
-        row("data load, warm (decoded cache; best of 3)", f"{warm:.2f} s")
-        images = place(train_set, device)
-        n = len(images)
-        def our_epoch():
-            for idx in epoch_batches(n, targs.batch_size, 0, 1, images.device):
-                get_batch(images, idx, device)  # a step would use the batch, then drop it
-        t_ours = min(timed(our_epoch, device)[0] for _ in range(5))  # best of 5: it is short and jittery
-        n_naive = min(n, 20 * targs.batch_size if args.quick else n)
-        def naive_epoch():
-            for i, x in enumerate(naive_loader(root / SPLITS["train"], image_size, targs.batch_size, shuffle=True)):
-                x.to(device)
-                if (i + 1) * targs.batch_size >= n_naive:
-                    break
-        t_naive, _ = timed(naive_epoch, device)
-        r_ours, r_naive = n / t_ours, n_naive / t_naive
-        row("data path, no model (epoch; ours best of 5)", rate(n, t_ours), rate(n_naive, t_naive), f"{r_ours / r_naive:,.0f}x")
-        images = None  # the training runs below are separate processes
 
-        # ---- training, each in its own process
-        # Two rounds, alternating, and the faster of each: on a shared machine a slow spell then
-        # hits both sides alike instead of one.
-        runs = {"ours": [], "naive": []}
-        for _ in range(2):
-            for kind in runs:
-                runs[kind].append(run_in_process(train_phase, kind, root, image_size, steps, str(device),
-                                                 MODEL_FLAGS, cache))
-        ours, naive = (min(r, key=lambda res: res["seconds"]) for r in runs.values())
-        r_ours, r_naive = ours["images"] / ours["seconds"], naive["images"] / naive["seconds"]
-        row(f"training ({steps} steps, best of 2)", rate(ours["images"], ours["seconds"]),
-            rate(naive["images"], naive["seconds"]), f"{r_ours / r_naive:.2f}x")
-        row("  peak memory" + (" (GPU)" if device.type == "cuda" else " (process RSS)"),
-            f"{ours['peak'] / 2**30:.2f} GiB", f"{naive['peak'] / 2**30:.2f} GiB")
-        split_gib = train_set.images.numel() * train_set.images.element_size() / 2**30
-        print(f"  (ours holds the whole training split, {split_gib:.2f} GiB of float16, in that memory; the naive "
-              f"loop reads files)")
-        row("  share in forward+backward", f"{1 - ours['outside_seconds'] / ours['seconds']:.1%}")
-        row("  loader worker start (per epoch)", "none", f"{naive['worker_start']:.2f} s")
-        epoch_steps = num_batches(sizes["train"], targs.batch_size)
-        row(f"  epoch of {sizes['train']} (estimate)", f"{epoch_steps * ours['seconds'] / steps:.1f} s",
-            f"{naive['worker_start'] + epoch_steps * naive['seconds'] / steps:.1f} s")
+def bench_data(root, image_size, cache, sizes, batch_size, quick, device):
+    """The data path: decode every file once (cold), then read the decoded split back (warm), and an
+    epoch of batches without a model against the naive loader -> the training split."""
+    cold, train_set = timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device)
+    warms = [timed(lambda: load_split(root, "train", image_size, cache_dir=cache), device) for _ in range(3)]
+    warm, train_set = min(warms, key=lambda w: w[0])
+    row(f"data load, cold ({sizes['train']} files)", f"{cold:.2f} s")
+    row("data load, warm (decoded cache; best of 3)", f"{warm:.2f} s")
+    images = place(train_set, device)
+    n = len(images)
+    def our_epoch():
+        for idx in epoch_batches(n, batch_size, 0, 1, images.device):
+            get_batch(images, idx, device)  # a step would use the batch, then drop it
+    t_ours = min(timed(our_epoch, device)[0] for _ in range(5))  # best of 5: it is short and jittery
+    n_naive = min(n, 20 * batch_size if quick else n)
+    def naive_epoch():
+        for i, x in enumerate(naive_loader(root / SPLITS["train"], image_size, batch_size, shuffle=True)):
+            x.to(device)
+            if (i + 1) * batch_size >= n_naive:
+                break
+    t_naive, _ = timed(naive_epoch, device)
+    r_ours, r_naive = n / t_ours, n_naive / t_naive
+    row("data path, no model (epoch; ours best of 5)", rate(n, t_ours), rate(n_naive, t_naive), f"{r_ours / r_naive:,.0f}x")
+    return train_set  # the training runs that follow are separate processes
 
-        # ---- evaluation of the validation split
-        torch.manual_seed(0)
-        model = VQVAE(run.model).to(device).eval()
-        val = place(load_split(root, "validate", image_size, cache_dir=cache), device)
-        evaluate(model, val[:targs.batch_size], device, targs.batch_size, precision=targs.precision)  # warm-up
-        t_ours, _ = timed(lambda: evaluate(model, val, device, targs.batch_size, precision=targs.precision), device)
-        t_naive, _ = timed(lambda: naive_evaluate(model, root / SPLITS["validate"], image_size, device), device)
-        row(f"evaluation ({len(val)} slices)", rate(len(val), t_ours), rate(len(val), t_naive),
-            f"{t_naive / t_ours:.1f}x")
 
-        # ---- predict.py on the test split (reconstructions, SSIM, NIfTI files, figures; no samples)
-        ckpt = tmp / "run" / "best.pt"
-        ckpt.parent.mkdir()
-        save_checkpoint(ckpt, make_checkpoint("vqvae", model, {"data_dir": str(root)}))
-        pargs = predict.get_parser().parse_args(["--checkpoint", str(ckpt), "--num_samples", "0",
-                                                 "--device", str(device), "--out_dir", str(tmp / "predict")])
-        with contextlib.redirect_stdout(io.StringIO()):
-            predict.main(pargs)  # warm-up; also decodes the test split into the cache
-        with contextlib.redirect_stdout(io.StringIO()):
-            t_ours, _ = timed(lambda: predict.main(pargs), device)
-        (tmp / "naive").mkdir()
-        t_naive, _ = timed(lambda: naive_predict(model, root / SPLITS["test"], image_size, device, tmp / "naive"),
-                           device)
-        n_test = sizes["test"]
-        row(f"predict.py ({n_test} test slices)", rate(n_test, t_ours), rate(n_test, t_naive), f"{t_naive / t_ours:.1f}x")
+def bench_training(root, image_size, steps, cache, sizes, batch_size, train_set, device):
+    """Training steps of ours and of the naive loop, each in its own process."""
+    # ---- training, each in its own process
+    # Two rounds, alternating, and the faster of each: on a shared machine a slow spell then
+    # hits both sides alike instead of one.
+    runs = {"ours": [], "naive": []}
+    for _ in range(2):
+        for kind in runs:
+            runs[kind].append(run_in_process(train_phase, kind, root, image_size, steps, str(device),
+                                             MODEL_FLAGS, cache))
+    ours, naive = (min(r, key=lambda res: res["seconds"]) for r in runs.values())
+    r_ours, r_naive = ours["images"] / ours["seconds"], naive["images"] / naive["seconds"]
+    row(f"training ({steps} steps, best of 2)", rate(ours["images"], ours["seconds"]),
+        rate(naive["images"], naive["seconds"]), f"{r_ours / r_naive:.2f}x")
+    row("  peak memory" + (" (GPU)" if device.type == "cuda" else " (process RSS)"),
+        f"{ours['peak'] / 2**30:.2f} GiB", f"{naive['peak'] / 2**30:.2f} GiB")
+    split_gib = train_set.images.numel() * train_set.images.element_size() / 2**30
+    print(f"  (ours holds the whole training split, {split_gib:.2f} GiB of float16, in that memory; the naive "
+          f"loop reads files)")
+    row("  share in forward+backward", f"{1 - ours['outside_seconds'] / ours['seconds']:.1%}")
+    row("  loader worker start (per epoch)", "none", f"{naive['worker_start']:.2f} s")
+    epoch_steps = num_batches(sizes["train"], batch_size)
+    row(f"  epoch of {sizes['train']} (estimate)", f"{epoch_steps * ours['seconds'] / steps:.1f} s",
+        f"{naive['worker_start'] + epoch_steps * naive['seconds'] / steps:.1f} s")
 
-    # ---- generation
+
+def bench_predict(run, root, image_size, cache, sizes, tmp, device):
+    """Evaluation of the validation split and predict.py on the test split, against the naive loop."""
+    # ---- evaluation of the validation split
+    torch.manual_seed(0)
+    model = VQVAE(run.model).to(device).eval()
+    val = place(load_split(root, "validate", image_size, cache_dir=cache), device)
+    evaluate(model, val[:run.train.batch_size], device, run.train.batch_size, precision=run.train.precision)  # warm-up
+    t_ours, _ = timed(lambda: evaluate(model, val, device, run.train.batch_size, precision=run.train.precision), device)
+    t_naive, _ = timed(lambda: naive_evaluate(model, root / SPLITS["validate"], image_size, device), device)
+    row(f"evaluation ({len(val)} slices)", rate(len(val), t_ours), rate(len(val), t_naive),
+        f"{t_naive / t_ours:.1f}x")
+
+    # ---- predict.py on the test split (reconstructions, SSIM, NIfTI files, figures; no samples)
+    ckpt = tmp / "run" / "best.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(ckpt, make_checkpoint("vqvae", model, {"data_dir": str(root)}))
+    pargs = predict.get_parser().parse_args(["--checkpoint", str(ckpt), "--num_samples", "0",
+                                             "--device", str(device), "--out_dir", str(tmp / "predict")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        predict.main(pargs)  # warm-up; also decodes the test split into the cache
+    with contextlib.redirect_stdout(io.StringIO()):
+        t_ours, _ = timed(lambda: predict.main(pargs), device)
+    (tmp / "naive").mkdir()
+    t_naive, _ = timed(lambda: naive_predict(model, root / SPLITS["test"], image_size, device, tmp / "naive"),
+                       device)
+    n_test = sizes["test"]
+    row(f"predict.py ({n_test} test slices)", rate(n_test, t_ours), rate(n_test, t_naive), f"{t_naive / t_ours:.1f}x")
+
+
+def bench_generation(args, device):
+    """Sampling and decoding with the run's prior (or fresh default models)."""
     vqvae, prior, what = sampling_models(args, device)
     n = 8 if args.quick else args.num_samples
     time_sampling(prior, vqvae, min(n, 4), device)  # warm-up: allocations, kernels

@@ -1,5 +1,6 @@
 """Metrics: the project's one SSIM (and PSNR), codebook statistics, evaluation of a split, the prior's
-NLL, and the generation metrics (FID and KID with the standard FID Inception network, memorisation)."""
+NLL, and the generation metrics (FID and KID of image sets against the test split with the standard FID
+Inception network, memorisation, the position error of conditioned samples, neighbouring-slice SSIM)."""
 import functools
 import importlib.util
 import math
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from modules import code_counts
+from dataset import slice_position
+from quantizer import code_counts
 from utils import ProjectError, autocast_for, to_model, to_unit
 
 
@@ -272,6 +274,16 @@ def kid(f1, f2, num_subsets=100, subset_size=1000, seed=0):
 
 
 @torch.no_grad()
+def against_test(sets, test, device):
+    """FID and KID of each image set {name: (N, 1, H, W) in [0, 1]} against the test split's images
+    `test`, whose features are computed once -> ({name: FID}, {name: (KID mean, KID sd)}). Pass the
+    real-vs-real floor among the sets (as many real slices of another split as the sets hold)."""
+    f_test = inception_features(test, device)
+    feats = {name: inception_features(x, device) for name, x in sets.items()}
+    return ({name: fid(f, f_test) for name, f in feats.items()},
+            {name: kid(f, f_test) for name, f in feats.items()})
+
+
 def max_ssim_to(queries, refs, device, chunk=256):
     """For each query the highest SSIM (the project's one, `ssim`) to any reference, and which:
     queries (N, 1, H, W) and refs (M, 1, H, W) in [0, 1] -> (N,) max SSIM, (N,) index into refs.
@@ -298,3 +310,47 @@ def encode_split(model, images, device, batch_size, precision="fp32"):
     `precision` (as --precision: the run's own, so the prior learns the codes training produced)."""
     with autocast_for(device, precision):
         return torch.cat([model.encode(to_model(b.to(device, non_blocking=True))) for b in images.split(batch_size)])
+
+
+# ----------------------------------------------------------------------------- generated slices and volumes
+
+def position_error(found, asked):
+    """Mean absolute difference, in slices, between the positions asked for and those found."""
+    return (found - asked).abs().float().mean().item()
+
+
+def neighbour_ssim(images, previous):
+    """Mean SSIM between each slice and the previous slice of its volume: images (N, 1, H, W) in [0, 1],
+    previous (N,) the index of that slice (-1: none) -> (mean, number of pairs)."""
+    has = previous >= 0
+    pairs = ssim(images[has].float(), images[previous[has]].float())
+    return pairs.mean().item(), len(pairs)
+
+
+def measure_positions(samples, conditioned, free, asked, real, files, test_position, at, P, device):
+    """How near slices generated at a position lie to it: conditioned (n, 1, H, W), samples asked at
+    the positions `asked` (n,) spread over the volume, each placed at the position of its nearest real
+    test slice by SSIM, against n unconditional samples `free` placed the same way (the baseline: a model
+    that ignores the position) -> their mean absolute errors in slices (and that of `samples` when they
+    were all asked at the position `at`, None: not, and that of real test slices placed the same way
+    among the other test volumes)."""
+    n = len(asked)
+    known = test_position >= 0
+    refs, ref_position = real[known], test_position[known]
+    out = {"n": n, "num_positions": P, "reference": f"nearest of {len(refs)} test slices by SSIM",
+           "conditioned_mae": position_error(ref_position[max_ssim_to(conditioned, refs, device)[1]], asked),
+           "unconditional_mae": position_error(ref_position[max_ssim_to(free, refs, device)[1]], asked)}
+    if at is not None:
+        found = ref_position[max_ssim_to(samples, refs, device)[1]]
+        out["slice_position_mae"] = position_error(found, torch.full_like(found, at))
+    # What real slices score by the same method: each test slice placed by its nearest slice of the
+    # other test volumes (the floor of this measure: anatomy differs from patient to patient).
+    names = [slice_position(f)[0] for f, k in zip(files, known.tolist()) if k]
+    volume = torch.tensor([sorted(set(names)).index(v) for v in names])
+    if len(set(names)) > 1:
+        found = torch.empty_like(ref_position)
+        for v in volume.unique():  # one search per volume: its slices against all the others'
+            mine, others = volume == v, volume != v
+            found[mine] = ref_position[others][max_ssim_to(refs[mine], refs[others], device)[1]]
+        out["real_mae"] = position_error(found, ref_position)
+    return out

@@ -107,6 +107,23 @@ def render_slice(p, t, shape, rng):
         img[_ellipse(u, v, p["body_u"], -0.02, (p["bone_u"] - 0.05) * k + 1e-3, 0.26) < 1] = p["muscle"] * 0.75
         img[_ellipse(u, v, p["body_u"], -0.02, (p["bone_u"] - 0.13) * k + 1e-3, 0.23) < 1] = p["fat_level"] * 0.7
 
+    _draw_bones(img, u, v, t, p, texture)
+    _draw_organs(img, u, v, t, p)
+
+    img = gaussian_filter(img, 0.7)  # partial-volume edges
+    b = p["bias"]
+    img *= np.exp(0.3 * (b[0] * u + b[1] * v + b[2] * u * v + b[3] * (u ** 2 + v ** 2)))  # coil bias field
+    # Rician noise: magnitude of the complex signal plus Gaussian noise in both channels.
+    s = p["noise"]
+    img = np.hypot(img + rng.normal(0, s, shape), rng.normal(0, s, shape))
+    # Air is exactly zero, noise included, as in the background-masked HipMRI volumes: Rician noise in
+    # the air (a fifth or more of each slice) made any blur cost SSIM for the noise, not the anatomy.
+    img[~body] = 0
+    return img * p["scale"]
+
+
+def _draw_bones(img, u, v, t, p, texture):
+    """Into img, at depth t of patient p (u, v: the slice's coordinates): the pelvic bones."""
     # Pelvic bones, visible in the middle third: iliac wing from acetabulum up and out, femoral head
     # and neck; dark cortex around fatty (brighter) marrow.
     if abs(t) < 0.55:
@@ -126,6 +143,9 @@ def render_slice(p, t, shape, rng):
         img[sac < 1] = 0.08
         img[sac < 0.6] = 0.5
 
+
+def _draw_organs(img, u, v, t, p):
+    """Into img, at depth t of patient p (u, v: the slice's coordinates): bladder, prostate and rectum."""
     # Bladder: urine is the brightest tissue on T2; thin dark wall.
     bu, bv, bt = p["bladder"]
     k = _section(t, bt, 0.5)
@@ -147,17 +167,6 @@ def render_slice(p, t, shape, rng):
         e = _ellipse(u, v, p["body_u"], -0.12, 0.07 * k, 0.22)
         img[e < 1] = 0.12
         img[e < 0.5] = 0.02 if p["rectum_gas"] else 0.75
-
-    img = gaussian_filter(img, 0.7)  # partial-volume edges
-    b = p["bias"]
-    img *= np.exp(0.3 * (b[0] * u + b[1] * v + b[2] * u * v + b[3] * (u ** 2 + v ** 2)))  # coil bias field
-    # Rician noise: magnitude of the complex signal plus Gaussian noise in both channels.
-    s = p["noise"]
-    img = np.hypot(img + rng.normal(0, s, shape), rng.normal(0, s, shape))
-    # Air is exactly zero, noise included, as in the background-masked HipMRI volumes: Rician noise in
-    # the air (a fifth or more of each slice) made any blur cost SSIM for the noise, not the anatomy.
-    img[~body] = 0
-    return img * p["scale"]
 
 
 def _affine():

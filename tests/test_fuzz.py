@@ -195,7 +195,8 @@ def check_checkpoint(path, capfd, caplog):
     clean line naming the file; never another exception, nothing else printed."""
     import torch
     from metrics import check_image_size
-    from utils import load_checkpoint, load_vqvae
+    from runs import load_vqvae
+    from utils import load_checkpoint
 
     def load():
         ckpt = load_checkpoint(path)

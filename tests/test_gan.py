@@ -8,10 +8,13 @@ import shutil
 import pytest
 import torch
 
+import config
 from conftest import TINY_MODEL
-from modules import Decoder, PatchDiscriminator, patch_shape
+from gan_stage import PatchDiscriminator, adaptive_weight, hinge_d_loss, patch_shape
+from modules import Decoder
 from test_scripts import run
-from utils import ProjectError, fingerprint, load_gan_decoder, run_main, save_checkpoint
+from runs import load_gan_decoder
+from utils import ProjectError, fingerprint, run_main, save_checkpoint
 
 # A discriminator that fits the tiny model's 32x16 slices (3 layers would leave no patch), switched on
 # after the first of the two steps of an epoch (8 training slices in batches of 4).
@@ -61,7 +64,6 @@ def test_discriminator_learns_to_tell_blurred_slices_from_sharp_ones():
     as one batch as the gan stage does, part by the hinge loss within 60 steps (a discriminator that does
     not learn, or a loss of the wrong sign, stays near 0). Why BatchNorm and not GroupNorm was measured on
     the crops (README), not here: this toy is easy for both."""
-    import train
     torch.manual_seed(0)
     disc = PatchDiscriminator(1, 16, 2)
     opt = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.9))
@@ -72,7 +74,7 @@ def test_discriminator_learns_to_tell_blurred_slices_from_sharp_ones():
                  .repeat_interleave(2, 3)) * 2 - 1  # (16, 1, 32, 32) blocky texture in [-1, 1]
         soft = torch.nn.functional.conv2d(torch.nn.functional.pad(sharp, (2, 2, 2, 2), mode="reflect"), blur)
         real, fake = disc(torch.cat([sharp, soft])).chunk(2)
-        loss = train.hinge_d_loss(real, fake)
+        loss = hinge_d_loss(real, fake)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -80,19 +82,18 @@ def test_discriminator_learns_to_tell_blurred_slices_from_sharp_ones():
 
 
 def test_adaptive_weight_is_the_ratio_of_the_gradient_norms_and_detached():
-    import train
     w = torch.tensor([3.0, -4.0], requires_grad=True)  # the "last layer"
     c = torch.tensor([1.0, 2.0, 2.0])
     rec = 0.5 * (w ** 2).sum()  # gradient w: norm 5
     gan = (c[:2] * w).sum() + 0 * c[2]  # gradient (1, 2): norm sqrt(5)
-    weight = train.adaptive_weight(rec, gan, w)
+    weight = adaptive_weight(rec, gan, w)
     assert weight.item() == pytest.approx(5 / (5 ** 0.5 + 1e-4))
     assert not weight.requires_grad and w.grad is None  # a scale for the step, no gradient of its own
     # An adversarial loss without gradient there would make it 5 / 1e-4: clamped to 1e4.
-    assert train.adaptive_weight(rec, 0 * w.sum(), w).item() == 1e4
+    assert adaptive_weight(rec, 0 * w.sum(), w).item() == 1e4
     # The discriminator's hinge loss: 0 once real logits are >= 1 and decoded ones <= -1.
-    assert train.hinge_d_loss(torch.full((2, 1, 3, 3), 1.5), torch.full((2, 1, 3, 3), -2.0)).item() == 0
-    assert train.hinge_d_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 1
+    assert hinge_d_loss(torch.full((2, 1, 3, 3), 1.5), torch.full((2, 1, 3, 3), -2.0)).item() == 0
+    assert hinge_d_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 1
 
 
 def test_gan_stage_trains_a_new_decoder_on_the_same_codes(tiny_data, tmp_path):
@@ -181,10 +182,10 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
     flags are a section of their own (prior_flag_names still names only the prior's)."""
     import train
     flags = train.get_parser().parse_args
-    assert all(n.startswith("prior_") for n in train.prior_flag_names()) and "prior_epochs" in train.prior_flag_names()
-    assert set(train.gan_flag_names()) == {"gan_epochs", "gan_batch_size", "gan_lr", "gan_disc_weight",
+    assert all(n.startswith("prior_") for n in config.stage_flag_names("prior_")) and "prior_epochs" in config.stage_flag_names("prior_")
+    assert set(config.stage_flag_names("gan_")) == {"gan_epochs", "gan_batch_size", "gan_lr", "gan_disc_weight",
                                            "gan_disc_start", "gan_disc_channels", "gan_disc_layers"}
-    assert train.RunConfig.from_flags({}).gan.epochs == 0  # no adversarial decoder unless asked for
+    assert config.RunConfig.from_flags({}).gan.epochs == 0  # no adversarial decoder unless asked for
     with pytest.raises(ProjectError, match="--gan_epochs N"):
         train.main(flags(["--stage", "gan", "--resume", str(vq_run)]))
     with pytest.raises(ProjectError, match="--stage gan trains an adversarial decoder for an existing"):
@@ -198,7 +199,7 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
     with pytest.raises(ProjectError, match="adversarial decoder trains in one process"):
         train.main(flags(["--stage", "gan", "--resume", str(vq_run), "--gan_epochs", "1"]))
     with pytest.raises(ProjectError, match="--gan_epochs must be >= 0, got -1"):
-        train.RunConfig.from_flags(vars(flags(["--gan_epochs", "-1"])))
+        config.RunConfig.from_flags(vars(flags(["--gan_epochs", "-1"])))
 
 
 def test_predict_renders_samples_with_the_adversarial_decoder(vq_run, tmp_path):

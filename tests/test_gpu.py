@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+import config
 from conftest import TINY_MODEL
 from test_scripts import run
 
@@ -53,13 +54,13 @@ def test_gpu_compile_ragged_split_one_graph(tiny_data, tmp_path):
     counters.clear()
     flags = ["--data_dir", str(tiny_data), "--out_dir", str(tmp_path / "run"), "--stage", "vqvae", "--device", "cuda",
              *TINY_MODEL, "--epochs", "2", "--batch_size", "3", "--compile"]
-    train.train_vqvae(train.RunConfig.from_flags(vars(train.get_parser().parse_args(flags))))
+    train.train_vqvae(config.RunConfig.from_flags(vars(train.get_parser().parse_args(flags))))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_gpu_sampling_never_waits_for_the_host():
     """The prior's sampling loop makes no host sync (torch.multinomial made about two per code)."""
-    from modules import PriorConfig, build_prior
+    from prior import PriorConfig, build_prior
     prior = build_prior(PriorConfig(num_embeddings=32, latent_h=4, latent_w=4, hidden_dim=32, num_heads=2)).cuda()
     g = torch.Generator("cuda").manual_seed(0)
     prior.sample(2, generator=g)  # warm-up: allocations and kernels
@@ -73,7 +74,8 @@ def test_gpu_sampling_never_waits_for_the_host():
 
 def test_gpu_predict_model_is_channels_last(tiny_data, tmp_path):
     from modules import VQVAE, VQVAEConfig
-    from utils import load_vqvae, make_checkpoint
+    from runs import load_vqvae
+    from utils import make_checkpoint
     model = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2,
                               embedding_dim=8, num_embeddings=32))
     loaded = load_vqvae(make_checkpoint("vqvae", model, {"data_dir": None}), "x.pt", torch.device("cuda"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import SEED_DEFAULTS, VQVAE, VectorQuantizer, VQVAEConfig
+from modules import SEED_DEFAULTS, VQVAE, VQVAEConfig
+from quantizer import VectorQuantizer
 
 TINY = dict(num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2, embedding_dim=8,
             num_embeddings=32)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from modules import PRIOR_ARCHS, VQVAE, CodePrior, PriorConfig, VQVAEConfig, build_prior
+from modules import VQVAE, VQVAEConfig
+from prior import PRIOR_ARCHS, CodePrior, PriorConfig, build_prior
 
 TINY_PRIOR = dict(num_embeddings=16, latent_h=4, latent_w=3, num_layers=2, num_heads=2, hidden_dim=16,
                   dropout=0.0, kernel_size=3)
@@ -139,7 +140,7 @@ def test_conditioned_greedy_sampling_matches_the_full_forward(arch):
 def test_top_p_keeps_the_nucleus():
     """top_p draws only among the most likely codes whose mass reaches top_p: a tiny top_p is greedy,
     top_p = 1 leaves the distribution whole."""
-    from modules import _draw
+    from prior import _draw
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
     assert (_draw(logits, 1.0, 0, g, top_p=0.01) == 0).all()
@@ -150,7 +151,7 @@ def test_top_p_keeps_the_nucleus():
 
 
 def test_conditions_leave_out_what_the_data_lacks():
-    from modules import conditions
+    from prior import conditions
     cfg = PriorConfig(**{**TINY_PRIOR, **COND})
     codes = torch.randint(16, (4, 4, 3))
     position, previous = conditions(codes, torch.tensor([0, 1, -1, 7]), torch.tensor([-1, 0, 1, -1]), cfg)
@@ -159,7 +160,8 @@ def test_conditions_leave_out_what_the_data_lacks():
 
 
 def test_prior_batch_drops_and_flips_at_its_rates():
-    from train import PriorTrainConfig, prior_batch
+    from config import PriorTrainConfig
+    from prior_stage import prior_batch
     cfg = PriorConfig(**{**TINY_PRIOR, **COND})
     n = 4000
     codes = {"train": torch.zeros(n, 4, 3, dtype=torch.long), "flipped": torch.ones(n, 4, 3, dtype=torch.long)}
@@ -175,7 +177,8 @@ def test_prior_batch_drops_and_flips_at_its_rates():
 
 
 def test_prior_batch_takes_a_map_and_its_previous_map_from_one_copy():
-    from train import PriorTrainConfig, prior_batch
+    from config import PriorTrainConfig
+    from prior_stage import prior_batch
     cfg = PriorConfig(**{**TINY_PRIOR, **COND})
     n, k = 3000, 2
     codes = {"train": torch.zeros(n, 4, 3, dtype=torch.long),
@@ -194,7 +197,8 @@ def test_augmented_copies_transform_a_slice_and_its_previous_slice_alike():
     """In augmented_codes a slice and its previous slice share one transform: identical neighbours
     stay identical; the copies differ from the plain codes and are reproducible by seed."""
     from metrics import encode_split
-    from train import PriorTrainConfig, augmented_codes
+    from config import PriorTrainConfig
+    from prior_stage import augmented_codes
     torch.manual_seed(0)
     vqvae = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8,
                               num_downsampling_layers=2, embedding_dim=8, num_embeddings=32, lookup_dim=0)).eval()

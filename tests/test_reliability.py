@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import phantom
+import config
 from conftest import ROOT, TINY_MODEL
 from test_data import write
 from test_scripts import assert_clean_error, run
@@ -334,9 +335,9 @@ def test_checkpoints_of_the_earlier_layout_load_in_predict_and_resume(tiny_data,
     ckpt = torch.load(old / "last.pt", weights_only=True)
     newer = ("recon_loss", "best_by", "lr_schedule", "warmup_steps")
     torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in newer}}, old / "last.pt")
-    args = train.resume_run(vars(train.get_parser().parse_args(["--resume", str(old)])))[1].train
+    args = config.resume_run(vars(train.get_parser().parse_args(["--resume", str(old)])))[1].train
     assert (args.recon_loss, args.best_by, args.lr_schedule, args.warmup_steps) == ("mse", "mse", "constant", 100)
-    assert train.RunConfig.from_flags({}).train.recon_loss == "l1"  # which today's defaults would have changed
+    assert config.RunConfig.from_flags({}).train.recon_loss == "l1"  # which today's defaults would have changed
     proc = run("train.py", "--resume", old, "--epochs", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     resumed = torch.load(old / "last.pt", weights_only=True)

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import config
+import modules
+import stage
 from conftest import ROOT, TINY_MODEL
 
 
@@ -125,7 +128,8 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
 
 def test_generated_slices_round_trip_through_nifti(trained):
     """A sample's .nii.gz holds exactly the decoded sample, on the training data's affine."""
-    from modules import VQVAE, PriorConfig, VQVAEConfig, build_prior
+    from modules import VQVAE, VQVAEConfig
+    from prior import PriorConfig, build_prior
     cwd, run_dir, _ = trained
     out = cwd / "gen"
     proc = run("predict.py", "--num_samples", "3", "--temperature", "0.8", "--top_k", "5", "--seed", "7",
@@ -248,7 +252,7 @@ def test_scripts_show_defaults_in_help():
 def run_config(*argv):
     """The RunConfig of `python train.py ARGV`."""
     import train
-    return train.RunConfig.from_flags(vars(train.get_parser().parse_args(list(argv))))
+    return config.RunConfig.from_flags(vars(train.get_parser().parse_args(list(argv))))
 
 
 # The seed configuration as the README writes it (section "Codebook health").
@@ -276,11 +280,10 @@ def test_seed_configuration_is_one_command_away():
 
 
 def test_learning_rate_schedules():
-    import train
     args = run_config("--lr_schedule", "constant").train
-    assert all(train.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
+    assert all(stage.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
     args = run_config("--lr_schedule", "cosine", "--warmup_steps", "10").train
-    lrs = [train.lr_at(k, args, 200) for k in range(200)]
+    lrs = [stage.lr_at(k, args, 200) for k in range(200)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then only down
     assert lrs[104] == pytest.approx(5e-4, rel=0.02) and lrs[-1] < 1e-6
@@ -324,8 +327,9 @@ def test_a_new_setting_is_one_field():
     default, is range-checked when parsed, and travels into model_args and back unchanged."""
     import argparse
     from dataclasses import make_dataclass
-    from modules import VQVAEConfig, setting
-    from utils import ProjectError, add_settings, flags_of, settings_from
+    from modules import VQVAEConfig
+    from settings import add_settings, flags_of, setting, settings_from
+    from utils import ProjectError
     Config = make_dataclass("Config", [("codebook_dim", int, setting(8, "dimensions of the code lookup", rule=">= 1"))],
                             bases=(VQVAEConfig,))
     p = argparse.ArgumentParser()
@@ -366,12 +370,11 @@ def test_best_checkpoint_is_the_epoch_best_by_asks_for(tiny_data, tmp_path, best
 
 
 def test_recon_loss_l1_plus_mse_is_the_sum():
-    import train
     assert run_config("--recon_loss", "l1+mse").train.recon_loss == "l1+mse"
     a, b = torch.rand(2, 1, 8, 4) * 2 - 1, torch.rand(2, 1, 8, 4) * 2 - 1
-    l1, mse = (train.reconstruction_loss(a, b, kind) for kind in ("l1", "mse"))
+    l1, mse = (modules.reconstruction_loss(a, b, kind) for kind in ("l1", "mse"))
     assert l1 == (a - b).abs().mean() and mse == ((a - b) ** 2).mean()
-    assert train.reconstruction_loss(a, b, "l1+mse") == l1 + mse
+    assert modules.reconstruction_loss(a, b, "l1+mse") == l1 + mse
 
 
 AUG_FLAGS = ["--aug_flip", "0.5", "--aug_rotate", "10", "--aug_scale", "0.1", "--aug_shift", "0.05", "--aug_gamma", "0.2"]
@@ -428,11 +431,10 @@ def test_augmentation_only_in_training_and_reproducible_on_resume(tiny_data, tmp
 def test_compile_with_the_lookup_and_gradient_restarts_is_refused():
     """The one combination a compiled step cannot run (restarts change in place the codebook that the
     normalised lookup's backward reads) is refused in one line; with the EMA codebook it runs."""
-    import train
     from utils import ProjectError
     with pytest.raises(ProjectError, match="--compile with --lookup_dim"):
-        train.check_run(run_config("--compile", "--lookup_dim", "8"), 1)
-    train.check_run(run_config("--compile", "--lookup_dim", "8", "--ema"), 1)
+        config.check_run(run_config("--compile", "--lookup_dim", "8"), 1)
+    config.check_run(run_config("--compile", "--lookup_dim", "8", "--ema"), 1)
     with pytest.raises(ProjectError, match="--compile with --lookup_dim"):  # the defaults use the lookup
-        train.check_run(run_config("--compile"), 1)
-    train.check_run(run_config("--compile", "--lookup_dim", "0"), 1)
+        config.check_run(run_config("--compile"), 1)
+    config.check_run(run_config("--compile", "--lookup_dim", "0"), 1)

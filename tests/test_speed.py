@@ -13,6 +13,7 @@ import torch
 import train
 from modules import VQVAE, VQVAEConfig
 from utils import ProjectError
+import config
 from conftest import ROOT, TINY_MODEL
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero")
@@ -21,7 +22,7 @@ SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "
 def tiny_args(data, out_dir, *extra):
     argv = ["--data_dir", str(data), "--out_dir", str(out_dir), "--stage", "vqvae", "--device", "cpu",
             *TINY_MODEL, *map(str, extra)]
-    return train.RunConfig.from_flags(vars(train.get_parser().parse_args(argv)))
+    return config.RunConfig.from_flags(vars(train.get_parser().parse_args(argv)))
 
 
 def test_training_steps_never_wait_for_the_device(tiny_data, tmp_path, monkeypatch):
@@ -147,7 +148,7 @@ def test_resume_takes_precision_and_compile_from_the_command(tiny_data, tmp_path
     train.train_vqvae(tiny_args(tiny_data, tmp_path / "run", "--epochs", 1, "--batch_size", 4))
     def resumed(*argv):
         flags = train.get_parser().parse_args(["--resume", str(tmp_path / "run"), *argv])
-        return train.resume_run(vars(flags))[1]
+        return config.resume_run(vars(flags))[1]
     again = resumed("--precision", "bf16", "--compile")
     assert (again.train.precision, again.train.compile) == ("bf16", True)
     kept = resumed()
@@ -174,7 +175,7 @@ def test_sampler_draws_from_the_softmax_without_multinomial(monkeypatch):
     """The exponential race (argmax p / E, E ~ Exp(1)) draws each code with its softmax probability
     (a chi-square test over 40000 draws), keeps to the top k, and never calls torch.multinomial,
     which waits on the host on CUDA."""
-    from modules import _draw
+    from prior import _draw
     monkeypatch.setattr(torch, "multinomial", None)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -211,7 +212,8 @@ def test_background_writer_snapshots_orders_and_reports(tmp_path):
 def test_quantized_codes_keep_the_encoder_layout():
     """z_q comes out in z_e's memory layout (channels_last on CUDA) without a copy to NCHW, and in
     NCHW for NCHW input (the CPU's)."""
-    from modules import SEED_CODEBOOK, VectorQuantizer
+    from modules import SEED_CODEBOOK
+    from quantizer import VectorQuantizer
     vq = VectorQuantizer(VQVAEConfig(num_embeddings=16, embedding_dim=8, **SEED_CODEBOOK))
     z = torch.randn(2, 8, 4, 3)
     assert vq(z.to(memory_format=torch.channels_last))["z_q"].is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,357 @@
+"""The prior over a VQ-VAE's code maps: its config, the conditioning on the slice's position and the
+previous slice, the autoregressive priors (a causal transformer and the paper's gated PixelCNN) and
+their sampling.
+
+Pure tensor code: no argparse, no file I/O.
+"""
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules import VQVAEConfig
+from settings import check_settings, setting
+
+PRIOR_ARCHS = ("transformer", "pixelcnn")
+PRIOR_CONDITIONS = ("none", "position", "position+previous")
+
+
+@dataclass
+class PriorConfig:
+    """Prior hyperparameters: the code map's size and codes come from the VQ-VAE (for_vqvae), the
+    rest are flags of train.py named prior_<field>; saved in prior checkpoints as `model_args`."""
+    num_embeddings: int = field(metadata={"rule": ">= 1"})  # the VQ-VAE's codes; token K is the start token
+    latent_h: int = field(metadata={"rule": ">= 1"})  # code-map rows (image height / 2**num_downsampling_layers)
+    latent_w: int = field(metadata={"rule": ">= 1"})  # code-map columns
+    arch: str = setting("transformer", "causal transformer (sampling with a key/value cache) or the paper's "
+                        "gated PixelCNN", choices=PRIOR_ARCHS)
+    num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule="in [1, 256]")
+    num_heads: int = setting(4, "attention heads per block (transformer)", rule=">= 1")
+    hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
+    dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")
+    kernel_size: int = setting(5, "masked convolution width (pixelcnn)", rule=">= 1")
+    condition: str = setting("position+previous", "what a code map may be generated given: its slice's position "
+                             "in the volume, and the previous slice's code map (for whole volumes); each may be left "
+                             "out at sampling time", choices=PRIOR_CONDITIONS)
+    # Slice positions 0..num_positions-1 the prior tells apart: read from the training file names by
+    # train.py (0: none carry one); not a flag.
+    num_positions: int = field(default=0, metadata={"rule": ">= 0"})
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.arch == "transformer" and self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of num_heads {self.num_heads}")
+        if self.arch == "pixelcnn" and self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (centred on the current column), got {self.kernel_size}")
+
+    @classmethod
+    def from_dict(cls, args):
+        """A checkpoint's model_args -> PriorConfig; priors saved before conditioning existed were
+        unconditional."""
+        return cls(**{"condition": "none", **args})
+
+    @classmethod
+    def for_vqvae(cls, vq: VQVAEConfig, **settings):
+        """The prior over the code maps of the VQ-VAE `vq`, with the given prior settings."""
+        h, w = vq.latent_shape
+        return cls(num_embeddings=vq.num_embeddings, latent_h=h, latent_w=w, **settings)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions <= t only."""
+
+    def __init__(self, hidden_dim, num_heads):
+        super().__init__()
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x, cache=None, pos=0):
+        """x: (B, T, C) -> (B, T, C). With a cache (keys and values (B, heads, L, C/heads) of the
+        positions before `pos`), x is the single position `pos`, whose key and value are added to it."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, heads, T, C/heads)
+                   for t in self.qkv(x).split(C, dim=2))
+        if cache is None:
+            # No dropout on the attention weights: it forces the slow unfused kernel on the CPU.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # sampling: one new position attends to itself and everything before it
+            assert T == 1, "the cached path takes one position at a time (no mask among new positions)"
+            cache["k"][:, :, pos:pos + T], cache["v"][:, :, pos:pos + T] = k, v
+            y = F.scaled_dot_product_attention(q, cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T])
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, hidden_dim, num_heads, dropout):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.attn = CausalSelfAttention(hidden_dim, num_heads)
+        self.ln_2 = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.GELU(),
+                                 nn.Linear(4 * hidden_dim, hidden_dim), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _draw(logits, temperature, top_k, generator, top_p=1.0):
+    """logits (n, K) -> (n, 1) codes drawn from softmax(logits / temperature), restricted to the
+    top_k most likely codes when top_k > 0 and to the smallest set of most likely codes whose
+    probability reaches top_p when top_p < 1 (nucleus sampling, Holtzman et al. 2020)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[1]:
+        kth = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = F.softmax(logits, dim=1).sort(dim=1, descending=True)
+        outside = probs.cumsum(1) - probs >= top_p  # the mass before a code already reaches top_p
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    # argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p (the exponential race, a form of the
+    # Gumbel-max trick), with no host-side check: torch.multinomial validates p on the host on CUDA,
+    # about two syncs per code, 512 per sampled map.
+    # E is kept above 0: a draw of exactly 0 (about one in 2**24) would make 0 / 0 = NaN for a code
+    # that top_k ruled out, and argmax picks NaN.
+    p = F.softmax(logits, dim=1)
+    e = torch.empty_like(p).exponential_(generator=generator).clamp_min_(torch.finfo(p.dtype).tiny)
+    return (p / e).argmax(1, keepdim=True)
+
+
+class Condition(nn.Module):
+    """What a code map is generated given, as features (B, C, h, w) added to the prior's input at every
+    position: an embedding of the slice's position in its volume (as a class embedding), and the
+    previous slice's code map embedded and mixed over 3x3 neighbours (a depthwise conv: cheap, and
+    neighbouring slices move by a pixel or so). The previous map is known in full before the current
+    one is drawn, so every position may see all of it without breaking causality; the features
+    aligned with code i sit in the input slot that predicts code i. Position num_positions means "no
+    position" and code K "no previous slice": the prior trains with each dropped at random, so one
+    prior samples with both, either or neither."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_dim
+        self.position = nn.Embedding(cfg.num_positions + 1, C) if cfg.condition != "none" else None
+        if cfg.condition == "position+previous":
+            self.previous = nn.Embedding(cfg.num_embeddings + 1, C)
+            self.mix = nn.Conv2d(C, C, 3, padding=1, groups=C)
+        else:
+            self.previous = None
+
+    def forward(self, n, position=None, previous=None):
+        """position: (n,) long in [0, num_positions] or None (none); previous: (n, h, w) long codes or
+        None (none) -> features (n, C, h, w), or 0 for an unconditional prior."""
+        if self.position is None:
+            return 0
+        device = self.position.weight.device
+        if position is None:
+            position = torch.full((n,), self.cfg.num_positions, dtype=torch.long, device=device)
+        out = self.position(position)[:, :, None, None]  # (n, C, 1, 1)
+        if self.previous is not None:
+            if previous is None:
+                previous = torch.full((n, self.cfg.latent_h, self.cfg.latent_w), self.cfg.num_embeddings,
+                                      dtype=torch.long, device=device)
+            out = out + self.mix(self.previous(previous).permute(0, 3, 1, 2))  # (n, C, h, w)
+        return out
+
+
+def conditions(codes, position, previous, cfg):
+    """A split's conditions as the prior takes them: codes (N, h, w), position (N,) and previous (N,)
+    (dataset.volume_layout: -1 where none) -> (position (N,), with num_positions where the slice has
+    none the prior knows; previous maps (N, h, w), all code K where there is no previous slice)."""
+    known = (position >= 0) & (position < cfg.num_positions)
+    position = torch.where(known, position, torch.full_like(position, cfg.num_positions))
+    none = torch.full_like(codes, cfg.num_embeddings)
+    has = (previous >= 0)[:, None, None]
+    return position, torch.where(has, codes[previous.clamp_min(0)], none)
+
+
+class AutoregressivePrior(nn.Module):
+    """p(z | c) = prod_i p(z_i | z_<i, c) over a VQ-VAE's code maps in raster order (row by row, left
+    to right), where the condition c (Condition) is the slice's position and the previous slice's
+    code map, each optional. Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position
+    i sees codes < i (and all of c)."""
+
+    def nll(self, indices, position=None, previous=None):
+        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
+        logits = self(indices, position, previous)
+        return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None,
+               guidance=1.0):
+        """n code maps (n, h, w) drawn code by code from p(z_i | z_<i, c) / temperature, keeping only the
+        top_k most likely codes (top_k > 0) and the top_p nucleus (top_p < 1) at each step, in eval
+        mode. position (n,) and previous (n, h, w) condition the draw (None: left out). guidance != 1
+        with a position is classifier-free guidance (Ho and Salimans 2022) on it: the logits
+        l_free + guidance * (l_position - l_free), l_free those without the position (the previous
+        map, if any, in both). `generator` (on the model's device) seeds the draws."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        was_training = self.training
+        self.eval()
+
+        def draw(logits):  # (n, K) -> (n, 1)
+            return _draw(logits, temperature, top_k, generator, top_p)
+        m = n
+        if guidance != 1 and position is not None:
+            # Both halves in one batch, each drawing the code the guided logits choose.
+            m, free = 2 * n, torch.full_like(position, self.cfg.num_positions)
+            position = torch.cat([position, free])
+            previous = None if previous is None else torch.cat([previous, previous])
+            plain = draw
+
+            def draw(logits):
+                cond, uncond = logits.float().chunk(2)
+                return plain(uncond + guidance * (cond - uncond)).repeat(2, 1)
+        codes = self._sample_codes(m, draw, position, previous)[:n]
+        self.train(was_training)
+        return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
+
+    def _sample_codes(self, n, draw, position, previous):
+        """(n, h*w) codes, each drawn by draw(logits (n, K)) -> (n, 1). This generic version reruns the
+        whole map per code (h*w passes); the transformer overrides it with a cache."""
+        h, w = self.cfg.latent_h, self.cfg.latent_w
+        codes = torch.zeros(n, h * w, dtype=torch.long, device=next(self.parameters()).device)
+        for i in range(h * w):
+            codes[:, i] = draw(self(codes.view(n, h, w), position, previous)[:, i])[:, 0]
+        return codes
+
+
+class GatedMaskedLayer(nn.Module):
+    """One layer of the gated PixelCNN (van den Oord et al. 2016): a vertical stack that sees the rows
+    above, a horizontal stack that sees the current row to the left and the vertical stack, each
+    gated as tanh(a) * sigmoid(b), with residual connections. Causality comes from padding only on
+    the top, left and right (vertical: never the bottom) and on the left (horizontal) of kernels
+    that end at the current row or column."""
+
+    def __init__(self, dim, kernel_size):
+        super().__init__()
+        self.p = kernel_size // 2
+        self.v_conv = nn.Conv2d(dim, 2 * dim, (self.p + 1, kernel_size))  # rows r-p..r, cols c-p..c+p
+        self.v_to_h = nn.Conv2d(2 * dim, 2 * dim, 1)
+        self.h_conv = nn.Conv2d(dim, 2 * dim, (1, self.p + 1))  # cols c-p..c of row r
+        self.h_out = nn.Conv2d(dim, dim, 1)
+
+    @staticmethod
+    def gate(x):
+        a, b = x.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def forward(self, v, h):
+        p = self.p
+        v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))  # (B, 2C, h, w)
+        h_feat = self.h_conv(F.pad(h, (p, 0, 0, 0))) + self.v_to_h(v_feat)
+        return v + self.gate(v_feat), h + self.h_out(self.gate(h_feat))
+
+
+class GatedPixelCNN(AutoregressivePrior):
+    """The VQ-VAE paper's prior: a gated PixelCNN over the code map. The inputs are shifted once, the
+    vertical stack's down by a row and the horizontal stack's right by a column, so every later layer
+    may include its own position and the logits at (r, c) see exactly the codes before it in raster
+    order (rows above within the receptive field, and the current row to the left)."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.num_embeddings, cfg.hidden_dim)
+        self.layers = nn.ModuleList([GatedMaskedLayer(cfg.hidden_dim, cfg.kernel_size)
+                                     for _ in range(cfg.num_layers)])
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden_dim, cfg.hidden_dim, 1), nn.ReLU(),
+                                  nn.Conv2d(cfg.hidden_dim, cfg.num_embeddings, 1))
+        self.cond = Condition(cfg)
+
+    def forward(self, indices, position=None, previous=None):
+        """indices: (B, h, w) -> logits (B, h*w, K); logits[:, i] scores code i given codes < i and the
+        condition (position (B,), previous (B, h, w); None: left out)."""
+        x = self.embed(indices).permute(0, 3, 1, 2)  # (B, C, h, w)
+        c = self.cond(len(indices), position, previous)  # (B, C, h, w): the condition is not shifted
+        v = F.pad(x, (0, 0, 1, 0))[:, :, :-1] + c  # row r holds row r-1: the rows above only
+        h = F.pad(x, (1, 0, 0, 0))[:, :, :, :-1] + c  # column c holds column c-1: the left only
+        for layer in self.layers:
+            v, h = layer(v, h)
+        logits = self.head(self.drop(h))  # (B, K, h, w)
+        return logits.flatten(2).transpose(1, 2)  # (B, h*w, K)
+
+
+def build_prior(cfg: PriorConfig):
+    """The prior that cfg.arch names."""
+    return (CodePrior if cfg.arch == "transformer" else GatedPixelCNN)(cfg)
+
+
+class CodePrior(AutoregressivePrior):
+    """A small causal transformer over the raster-ordered codes, as in VQGAN (Esser et al. 2021),
+    with a start token so the first code has a distribution too. Sampling keeps a key/value cache,
+    so each of the h*w steps costs one position, not the whole sequence."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seq_len = cfg.latent_h * cfg.latent_w
+        self.start_token = cfg.num_embeddings
+        self.tok_emb = nn.Embedding(cfg.num_embeddings + 1, cfg.hidden_dim)
+        self.pos_emb = nn.Embedding(self.seq_len, cfg.hidden_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout)
+                                     for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden_dim)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
+        self.cond = Condition(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _embed(self, tokens, pos, cond):
+        """tokens (B, T) at positions pos..pos+T-1, cond (B, T, C) or 0 -> (B, T, C)."""
+        positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions) + cond)
+
+    @staticmethod
+    def _as_sequence(cond):
+        """Condition features (B, C, h, w) -> (B, h*w, C) in raster order (0 stays 0)."""
+        return cond if isinstance(cond, int) else cond.flatten(2).transpose(1, 2)
+
+    def forward(self, indices, position=None, previous=None):
+        """indices: (B, h, w) codes -> logits (B, h*w, K); logits[:, i] scores code i given codes < i and
+        the condition (position (B,), previous (B, h, w); None: left out)."""
+        seq = indices.flatten(1)  # (B, L), raster order
+        start = seq.new_full((seq.shape[0], 1), self.start_token)
+        cond = self._as_sequence(self.cond(len(seq), position, previous))  # (B, L, C)
+        x = self._embed(torch.cat([start, seq[:, :-1]], 1), 0, cond)  # inputs shifted right by one
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, L, K)
+
+    def _sample_codes(self, n, draw, position=None, previous=None):
+        """One position per step through the key/value cache."""
+        device = self.pos_emb.weight.device
+        C, heads = self.cfg.hidden_dim, self.cfg.num_heads
+        caches = [{"k": torch.empty(n, heads, self.seq_len, C // heads, device=device),
+                   "v": torch.empty(n, heads, self.seq_len, C // heads, device=device)} for _ in self.blocks]
+        out = torch.empty(n, self.seq_len, dtype=torch.long, device=device)
+        token = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
+        cond = self._as_sequence(self.cond(n, position, previous))  # (n, L, C) or 0: the same at every step
+        for i in range(self.seq_len):
+            x = self._embed(token, i, cond if isinstance(cond, int) else cond[:, i:i + 1])  # (n, 1, C)
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, cache, i)
+            token = draw(self.head(self.ln_f(x[:, -1])))  # (n, 1)
+            out[:, i] = token[:, 0]
+        return out
