@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 import predict
 import train
 from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num_batches, place, resolve_data_dir
+from files import load_checkpoint, make_checkpoint, save_checkpoint
 from metrics import evaluate
 from modules import VQVAE
 from prior import build_prior
 from runs import open_run
-from utils import (ProjectError, autocast_for, configure_backends, load_checkpoint, make_checkpoint, pick_device,
-                   run_main, save_checkpoint, seed_everything, to_unit, uses_bf16)
+from utils import (ProjectError, autocast_for, configure_backends, pick_device, run_main, seed_everything, to_unit,
+                   uses_bf16)
 
 REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
 SLICES_PER_PATIENT = 60

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from files import load_checkpoint
 from metrics import check_image_size
 from modules import VQVAEConfig
 from prior import PriorConfig
 from settings import add_settings, check_settings, flags_of, setting, setting_names, settings_from
-from utils import ProjectError, load_checkpoint
+from utils import ProjectError
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import phantom
-from utils import ProjectError, save_checkpoint, to_model
+from files import save_checkpoint
+from utils import ProjectError, to_model
 
 SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "test": "keras_slices_test"}
 PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"

@@ -4,7 +4,7 @@ import textwrap
 
 import numpy as np
 
-from utils import atomic_write
+from files import atomic_write
 
 
 def pyplot():

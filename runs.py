@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from dataset import recorded_data_dir
+from files import fingerprint, latest_checkpoint, load_checkpoint
 from metrics import check_image_size
 from modules import VQVAE, Decoder, VQVAEConfig
 from prior import PriorConfig, build_prior
-from utils import ProjectError, configure_backends, fingerprint, latest_checkpoint, load_checkpoint
+from utils import ProjectError, configure_backends
 
 
 @dataclass

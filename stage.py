@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from config import stage_flag_names
 from dataset import load_split, place, recorded_data_dir
+from files import fingerprint, load_checkpoint, new_run_dir, save_checkpoint, write_csv, write_json
 from metrics import encode_split
 from runs import load_vqvae
-from utils import (ProjectError, configure_backends, fingerprint, load_checkpoint, new_run_dir, pick_device,
-                   save_checkpoint, seed_everything, set_rng_state, write_csv, write_json)
+from utils import ProjectError, configure_backends, pick_device, seed_everything, set_rng_state
 
 STAGE_NAMES = {"prior": "prior", "decoder_gan": "adversarial decoder"}  # by checkpoint kind
 

@@ -31,11 +31,12 @@ import predict
 import train
 from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
+from files import load_checkpoint, save_checkpoint, write_csv, write_json, write_nifti_gz
 from metrics import against_test, evaluate
 from modules import VQVAE
 from runs import open_run
 from settings import settings_from
-from utils import ProjectError, load_checkpoint, run_main, save_checkpoint, write_csv, write_json, write_nifti_gz
+from utils import ProjectError, run_main
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]

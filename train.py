@@ -36,13 +36,14 @@ from tqdm import tqdm
 from config import RunConfig, add_run_flags, check_run, check_warmup, resume_run
 from dataset import augment, epoch_batches, get_batch, num_batches, resolve_data_dir
 from figures import save_comparison, save_curves
+from files import Writer, make_checkpoint, write_json
 from gan_stage import check_gan, train_gan
 from metrics import codebook_stats, evaluate, ssim
 from modules import VQVAE, reconstruction_loss
 from prior_stage import train_prior
 from stage import StageFiles, load_splits, open_run_dir, restore, set_lr
-from utils import (ProjectError, Writer, autocast_for, configure_backends, make_checkpoint, pick_device, run_main,
-                   seed_everything, to_unit, uses_bf16, write_json)
+from utils import (ProjectError, autocast_for, configure_backends, pick_device, run_main, seed_everything, to_unit,
+                   uses_bf16)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",

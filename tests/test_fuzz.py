@@ -183,7 +183,7 @@ def tiny_checkpoint(data_dir):
     """A VQ-VAE checkpoint of the project's layout, made here: a tiny untrained model."""
     import torch
     from modules import VQVAE, VQVAEConfig
-    from utils import make_checkpoint
+    from files import make_checkpoint
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2,
                               embedding_dim=8, num_embeddings=32, ema=True))
@@ -196,7 +196,7 @@ def check_checkpoint(path, capfd, caplog):
     import torch
     from metrics import check_image_size
     from runs import load_vqvae
-    from utils import load_checkpoint
+    from files import load_checkpoint
 
     def load():
         ckpt = load_checkpoint(path)

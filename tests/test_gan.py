@@ -10,11 +10,12 @@ import torch
 
 import config
 from conftest import TINY_MODEL
+from files import fingerprint, save_checkpoint
 from gan_stage import PatchDiscriminator, adaptive_weight, hinge_d_loss, patch_shape
 from modules import Decoder
-from test_scripts import run
 from runs import load_gan_decoder
-from utils import ProjectError, fingerprint, run_main, save_checkpoint
+from test_scripts import run
+from utils import ProjectError, run_main
 
 # A discriminator that fits the tiny model's 32x16 slices (3 layers would leave no patch), switched on
 # after the first of the two steps of an epoch (8 training slices in batches of 4).
@@ -182,7 +183,8 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
     flags are a section of their own (prior_flag_names still names only the prior's)."""
     import train
     flags = train.get_parser().parse_args
-    assert all(n.startswith("prior_") for n in config.stage_flag_names("prior_")) and "prior_epochs" in config.stage_flag_names("prior_")
+    prior_flags = config.stage_flag_names("prior_")
+    assert all(n.startswith("prior_") for n in prior_flags) and "prior_epochs" in prior_flags
     assert set(config.stage_flag_names("gan_")) == {"gan_epochs", "gan_batch_size", "gan_lr", "gan_disc_weight",
                                            "gan_disc_start", "gan_disc_channels", "gan_disc_layers"}
     assert config.RunConfig.from_flags({}).gan.epochs == 0  # no adversarial decoder unless asked for

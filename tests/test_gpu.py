@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import train
 import config
+import train
 from conftest import TINY_MODEL
 from test_scripts import run
 
@@ -75,7 +75,7 @@ def test_gpu_sampling_never_waits_for_the_host():
 def test_gpu_predict_model_is_channels_last(tiny_data, tmp_path):
     from modules import VQVAE, VQVAEConfig
     from runs import load_vqvae
-    from utils import make_checkpoint
+    from files import make_checkpoint
     model = VQVAE(VQVAEConfig(image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8, num_downsampling_layers=2,
                               embedding_dim=8, num_embeddings=32))
     loaded = load_vqvae(make_checkpoint("vqvae", model, {"data_dir": None}), "x.pt", torch.device("cuda"))

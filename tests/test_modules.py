@@ -129,7 +129,7 @@ def test_tiny_model_overfits_one_batch(ema, tiny_data):
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
-    from utils import load_checkpoint, save_checkpoint
+    from files import load_checkpoint, save_checkpoint
     model = tiny_model(ema=True).eval()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "best_val": 0.5,

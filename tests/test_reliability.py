@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import phantom
 import config
+import phantom
 from conftest import ROOT, TINY_MODEL
+from files import save_checkpoint
 from test_data import write
 from test_scripts import assert_clean_error, run
-from utils import ProjectError, run_main, save_checkpoint
+from utils import ProjectError, run_main
 
 INJECT = str(Path(__file__).parent / "inject")
 TINY_RUN = ["--epochs", "2", "--batch_size", "4", *TINY_MODEL]

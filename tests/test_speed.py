@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train
+from conftest import ROOT, TINY_MODEL
 from modules import VQVAE, VQVAEConfig
 from utils import ProjectError
-import config
-from conftest import ROOT, TINY_MODEL
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero")
 
@@ -192,7 +192,8 @@ def test_sampler_draws_from_the_softmax_without_multinomial(monkeypatch):
 def test_background_writer_snapshots_orders_and_reports(tmp_path):
     """The CUDA writer thread writes what the tensors were at submit time, in order, and hands back
     the first error instead of losing it."""
-    from utils import ProjectError, Writer
+    from files import Writer
+    from utils import ProjectError
     written = []
     def job(t, name):
         written.append((name, t.clone()))
