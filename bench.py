@@ -43,7 +43,7 @@ from utils import (ProjectError, autocast_for, configure_backends, pick_device, 
 REAL_SIZES = {"train": 11460, "validate": 660, "test": 540}  # the HipMRI 2D release
 SLICES_PER_PATIENT = 60
 # train.py flags on top of its defaults: the seed's net, lookup, loss and batch 32, as every figure of
-# the README's performance section was measured (the defaults moved to batch 8 later); tests shrink it
+# STUDIES.md's performance section was measured (the defaults moved to batch 8 later); tests shrink it
 MODEL_FLAGS = ["--lookup_dim", "0", "--recon_loss", "mse", "--lr_schedule", "constant", "--best_by", "mse",
                "--batch_size", "32"]
 

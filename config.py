@@ -23,7 +23,7 @@ class TrainConfig:
     epochs: int = setting(20, "passes over the training split (with --resume: the run's own unless given; "
                           "more extends it)", rule=">= 1")
     batch_size: int = setting(8, "slices per Adam step (the global batch under torchrun); the seed's 32 takes four "
-                              "times fewer steps per epoch (README: the batch study)", rule=">= 1")
+                              "times fewer steps per epoch (STUDIES.md: the batch study)", rule=">= 1")
     lr: float = setting(1e-3, "Adam learning rate", rule="> 0")
     recon_loss: str = setting("l1", "the reconstruction term: mse (-log p(x|z_q) of a Gaussian decoder, as the "
                               "paper and the seed), l1 (of a Laplacian one) or l1+mse (their sum)",
@@ -47,7 +47,7 @@ class TrainConfig:
     warmup_steps: int = setting(20, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
     best_by: str = setting("last", "which epoch best.pt (and so the prior's codes and predict.py) keeps: the lowest "
                            "validation MSE, or the last (for --lr_schedule cosine, whose last epochs sharpen the "
-                           "decoder while the MSE rises: README)", choices=("mse", "last"))
+                           "decoder while the MSE rises: STUDIES.md)", choices=("mse", "last"))
     seed: int = setting(0, "seeds the model init and the data order", rule=">= 0")
     device: str = setting(None, "cuda, mps or cpu; None picks cuda, then mps, then cpu")
     precision: str = setting("auto", "of the VQ-VAE's forward pass; auto: bf16 autocast on CUDA, fp32 elsewhere "
@@ -81,7 +81,7 @@ class PriorTrainConfig:
                                    "prior also samples single slices and first slices", rule="in [0, 1]")
     aug_flip: float = setting(0.5, "probability of training on the codes of a left-right flipped slice (and its "
                               "previous slice, flipped with it) instead; 0.5 lowered the validation NLL on unseen "
-                              "patients (README)", rule="in [0, 1]")
+                              "patients (STUDIES.md)", rule="in [0, 1]")
     aug_copies: int = setting(0, "augmented copies of the training slices, encoded once, that the prior trains on "
                               "beside the slices themselves (each map drawn from one of the copies + 1 alike): "
                               "in a copy each slice and its previous slice share one random rotation (up to 5 degrees), "
@@ -171,7 +171,7 @@ def refuse_changes(old, typed, free, what, fix):
 
 
 # How a run trained before these flags were recorded in its config: the seed's loss, constant rate and
-# best.pt by validation MSE. The defaults changed later (README: the batch study); a resumed old run
+# best.pt by validation MSE. The defaults changed later (STUDIES.md: the batch study); a resumed old run
 # must go on as it began.
 TRAIN_BEFORE = {"recon_loss": "mse", "lr_schedule": "constant", "warmup_steps": 100, "best_by": "mse"}
 

@@ -52,7 +52,7 @@ class PatchDiscriminator(nn.Module):
     between slices). Not GroupNorm: it normalises every slice's features by their own spread, which
     removes the fine-texture energy that tells a blurred decode from a slice (measured on the prostate
     crops: with GroupNorm the logits of real and decoded slices stayed within 0.01 of each other for
-    400 discriminator steps; with BatchNorm they parted by 5 within 250, see the README)."""
+    400 discriminator steps; with BatchNorm they parted by 5 within 250, see STUDIES.md)."""
 
     def __init__(self, in_channels=1, channels=64, n_layers=3):
         super().__init__()

@@ -25,7 +25,7 @@ SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, **SEED_CODEBOOK}
 class VQVAEConfig:
     """Model hyperparameters, each a flag of train.py of the same name; saved in checkpoints as the
     plain dict `model_args`, from which predict.py rebuilds the model. The defaults differ from the
-    seed in the codebook's health and the 8-dim l2-normalised lookup (see README, the codebook,
+    seed in the codebook's health and the 8-dim l2-normalised lookup (see STUDIES.md, the codebook,
     quality and batch studies)."""
     arch: str = setting("seed", "seed: the seed's network (stride-2 convs, ReLU residual blocks at the code map only: "
                         "num_hiddens, num_residual_*); resnet: GroupNorm+SiLU residual blocks at every resolution "

@@ -59,7 +59,7 @@ class PredictConfig:
                                   "training volumes' last); None: at any", rule=">= 0")
     guidance: float = setting(5.0, "classifier-free guidance on the slice position (samples asked at a position, "
                               "not volumes): > 1 holds samples closer to it; 1: none; 5 held samples of unseen "
-                              "patients' positions closer than 1, 3, 4, 6 or 7 did (README)", rule=">= 0")
+                              "patients' positions closer than 1, 3, 4, 6 or 7 did (STUDIES.md)", rule=">= 0")
     num_volumes: int = setting(0, "whole volumes to generate, slice by slice, each slice given the previous one; "
                                "0: none", rule=">= 0")
     decoder: str = setting("auto", "what renders the samples and volumes: the adversarial decoder (decoder_gan.pt, "

@@ -1,7 +1,7 @@
 """The harness every training stage shares: its run folder and log, its start (a new run, or a stage on
 the run's frozen best.pt that resumes, or retires when best.pt changed since), the splits it trains on,
 its resume, the learning-rate schedule, and the end of each epoch (the NaN check, metrics csv, best and
-last checkpoints, the log line) and of the stage (its curves). train.py (the VQ-VAE), prior_stage.py
+last checkpoints, the log line; the csv's columns for the stage's curves). train.py (the VQ-VAE), prior_stage.py
 and gan_stage.py each add only what is their own."""
 import math
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The studies of the README: train and test each configuration on one data set, print the table.
+"""The studies of STUDIES.md: train and test each configuration on one data set, print the table.
 
 Usage: python study.py --data phantom|standin|crops [--configs NAME ...] [--epochs N | --minutes M]
                        [--out_dir runs/study_DATA]
@@ -45,7 +45,7 @@ PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", "--best_b
          *AUG_OFF]
 SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
 # The codebook study's defaults (DEFAULTS_V1); the quality study's ladder adds one change at a time to them.
-# Batch 32 is spelled out too: the defaults' batch changed after these studies (see the README).
+# Batch 32 is spelled out too: the defaults' batch changed after these studies (see STUDIES.md).
 DEFAULTS_V1 = [*PLAIN, "--codebook_init", "kmeans", "--restart_after", "2", "--ssim_weight", "0",
                "--lr_schedule", "constant"]
 HEALTHY = ["--ema", *DEFAULTS_V1]

@@ -124,6 +124,10 @@ def test_gan_stage_trains_a_new_decoder_on_the_same_codes(tiny_data, tmp_path):
     assert (run_dir / "best.pt").read_bytes() == before  # the encoder and codebook, so the codes, unchanged
     assert load(run_dir / "decoder_gan.pt")["epoch"] == 2 and (run_dir / "gan_epoch_002_comparison.png").is_file()
     assert f"resumed the adversarial decoder in {run_dir} after epoch 1" in (run_dir / "log.txt").read_text()
+    # Resumed at its last epoch: nothing left to train, and decoder_gan.pt is that epoch's, written again.
+    (run_dir / "decoder_gan.pt").unlink()
+    train_main("--stage", "gan", "--resume", run_dir)
+    assert load(run_dir / "decoder_gan.pt")["epoch"] == 2
 
     decoder = load_gan_decoder(run_dir, best, torch.device("cpu"))
     assert isinstance(decoder, Decoder) and not decoder.training
