@@ -286,11 +286,6 @@ class GatedPixelCNN(AutoregressivePrior):
         return logits.flatten(2).transpose(1, 2)  # (B, h*w, K)
 
 
-def build_prior(cfg: PriorConfig):
-    """The prior that cfg.arch names."""
-    return (CodePrior if cfg.arch == "transformer" else GatedPixelCNN)(cfg)
-
-
 class CodePrior(AutoregressivePrior):
     """A small causal transformer over the raster-ordered codes, as in VQGAN (Esser et al. 2021),
     with a start token so the first code has a distribution too. Sampling keeps a key/value cache,
@@ -355,3 +350,13 @@ class CodePrior(AutoregressivePrior):
             token = draw(self.head(self.ln_f(x[:, -1])))  # (n, 1)
             out[:, i] = token[:, 0]
         return out
+
+
+# --prior_arch -> the prior's class (a new prior: its class, its name here and in PRIOR_ARCHS)
+PRIORS = {"transformer": CodePrior, "pixelcnn": GatedPixelCNN}
+assert tuple(PRIORS) == PRIOR_ARCHS
+
+
+def build_prior(cfg: PriorConfig):
+    """The prior that cfg.arch names."""
+    return PRIORS[cfg.arch](cfg)
