@@ -32,7 +32,11 @@ def open_log(path):
 
     def log(msg):
         tqdm.write(msg)
-        print(msg, file=log_file, flush=True)
+        try:
+            print(msg, file=log_file, flush=True)
+        except OSError as e:  # a full disk: the lines already in log.txt stay, and the run says so in one line
+            raise ProjectError(f"could not write {path}: {e.strerror}; free space and resume the run, or pick "
+                               f"another --out_dir") from None
     return log
 
 
