@@ -3,7 +3,10 @@
 Put this folder on PYTHONPATH and set VQVAE_INJECT:
   nan_from_step=N  from the N-th Adam step on, the step leaves NaN weights (as a diverging run does);
   enospc_from=N    torch.save writes a few bytes and then fails with ENOSPC (disk full) from its
-                   N-th call on.
+                   N-th call on;
+  signal_at_step=N:SIG  right after the N-th optimizer step (Adam or AdamW; the adversarial decoder's
+                   two optimizers step twice per training step) the process sends itself signal SIG
+                   (TERM, INT or USR1), as SLURM, Kubernetes or Ctrl-C would.
 """
 import os
 
@@ -35,5 +38,21 @@ if _spec:
     if _kind == "nan_from_step":
         _orig_step = torch.optim.Adam.step
         torch.optim.Adam.step = _after(int(_n), _orig_step, _nan_step)
+    elif _kind == "signal_at_step":
+        import signal
+
+        _at, _sig = _n.split(":")
+
+        def _signalling(orig):
+            def step(self, *args, **kwargs):
+                out = orig(self, *args, **kwargs)
+                _calls["n"] += 1
+                if _calls["n"] == int(_at):
+                    os.kill(os.getpid(), getattr(signal, f"SIG{_sig}"))
+                return out
+            return step
+        torch.optim.Adam.step = _signalling(torch.optim.Adam.step)
+        if torch.optim.AdamW.step is not torch.optim.Adam.step:
+            torch.optim.AdamW.step = _signalling(torch.optim.AdamW.step)
     elif _kind == "enospc_from":
         torch.save = _after(int(_n), torch.save, _disk_full)
