@@ -143,12 +143,12 @@ def train_ours(root, image_size, steps, device, run, cache):
     while len(batches) < steps + 1:
         batches += epoch_batches(len(images), args.batch_size, 0, len(batches) + 1, images.device)
     batches = batches[:steps + 1]
-    train.train_epoch(net, optimizer, images, batches[:1], device, args, 0, steps + 1, show=False)
+    train.train_epoch(net, optimizer, images, batches[:1], device, args, 0, [steps + 1], show=False)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    sums, losses = train.train_epoch(net, optimizer, images, batches[1:], device, args, 1, steps + 1, show=False)
+    sums, losses = train.train_epoch(net, optimizer, images, batches[1:], device, args, 1, [steps + 1], show=False)
     losses.tolist()  # the read train.py makes once per epoch
     res["seconds"] = time.perf_counter() - t0
     res["images"] = sum(len(b) for b in batches[1:])

@@ -3,7 +3,7 @@ train (TrainConfig, GanTrainConfig, PriorTrainConfig) beside what the models are
 PriorConfig), gathered in RunConfig, from which train.py's flags are made and which a run's checkpoint
 holds; a resumed run is rebuilt from it, and a typed flag that would change what the run is, refused.
 No argparse parsing, no file I/O beyond reading the checkpoint that is resumed."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -44,7 +44,8 @@ class TrainConfig:
                                "to the power exp(uniform(-g, g)))", rule="in [0, 1]")
     lr_schedule: str = setting("cosine", "constant as in the seed, or linear warm-up then cosine decay to 0",
                                choices=("constant", "cosine"))
-    warmup_steps: int = setting(20, "warm-up steps (with --lr_schedule cosine)", rule=">= 0")
+    warmup_steps: int = setting(20, "warm-up steps (with --lr_schedule cosine); a run (or a leg of it) no longer "
+                                "than that warms up over a tenth of its steps instead", rule=">= 0")
     best_by: str = setting("last", "which epoch best.pt (and so the prior's codes and predict.py) keeps: the lowest "
                            "validation MSE, or the last (for --lr_schedule cosine, whose last epochs sharpen the "
                            "decoder while the MSE rises: STUDIES.md)", choices=("mse", "last"))
@@ -56,6 +57,9 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the VQ-VAE's training step")
     resume: str = setting(None, "continue the run in RUN_DIR (or from a checkpoint file) where it stopped",
                           metavar="RUN_DIR")
+    save_every_steps: int = setting(0, "also save last.pt every this many steps inside an epoch (every stage), for "
+                                    "epochs too long to lose to a kill; 0: at the end of each epoch only (and on "
+                                    "SIGTERM, SIGINT or SIGUSR1)", rule=">= 0")
     stage: str = setting("all", "all: the VQ-VAE, the adversarial decoder (with --gan_epochs) and the prior; "
                          "gan or prior: only that, for the run named by --resume",
                          choices=("all", "vqvae", "gan", "prior"))
@@ -114,10 +118,11 @@ class GanTrainConfig:
 # (attribute, config, flag prefix): every setting of a run, in the order --help lists them
 SECTIONS = (("train", TrainConfig, ""), ("model", VQVAEConfig, ""), ("prior_train", PriorTrainConfig, "prior_"),
             ("prior", PriorConfig, "prior_"), ("gan", GanTrainConfig, "gan_"))
-# What a resumed run may change: how it goes on, not what it is (--epochs extends it). The prior's
+# What a resumed run may change: how it goes on, not what it is (--epochs extends it, on a cosine
+# schedule by a new leg). The prior's
 # and the adversarial decoder's flags may change too until that stage has started; after that its
 # own checkpoint rules them.
-RESUMABLE = ("resume", "epochs", "device", "precision", "compile", "stage")
+RESUMABLE = ("resume", "epochs", "device", "precision", "compile", "stage", "save_every_steps")
 
 
 @dataclass
@@ -128,6 +133,9 @@ class RunConfig:
     prior_train: PriorTrainConfig
     prior: PriorConfig  # its code-map size and codes are the VQ-VAE's (PriorConfig.for_vqvae)
     gan: GanTrainConfig
+    # The epoch at which each leg of a cosine schedule ends, by section ("train", "prior_train"): one leg
+    # over --epochs, and one more for each extension on resume (extend_legs). Not a flag: a run's own.
+    legs: dict = field(default_factory=dict)
 
     @classmethod
     def from_flags(cls, flags):
@@ -138,6 +146,10 @@ class RunConfig:
             make = partial(PriorConfig.for_vqvae, parts["model"]) if config is PriorConfig else None
             parts[name] = settings_from(config, flags, prefix, make)
         return cls(**parts)
+
+    def legs_of(self, section):
+        """The epochs at which the legs of `section`'s schedule end ([--epochs] unless extended)."""
+        return self.legs.get(section) or [getattr(self, section).epochs]
 
     def flags(self):
         """The run's settings as flat flags {name: value}, as typed and as config.json holds them."""
@@ -197,9 +209,11 @@ def resume_run(flags):
                    f"cannot resume {path}: the run was made with",
                    "drop those flags to resume it, or start a new run without --resume")
     epochs = flags.get("epochs", old["epochs"])
-    check_extension(old["lr_schedule"], old["epochs"], epochs, str(path),
-                    "resume without --epochs, or start a new run")
-    return ckpt, RunConfig.from_flags({**old, **flags})
+    legs = extend_legs(old["lr_schedule"], ckpt["config"].get("lr_legs") or [old["epochs"]], epochs, str(path),
+                       "resume without --epochs, or start a new run")
+    run = RunConfig.from_flags({**old, **flags})
+    run.legs["train"] = legs
+    return ckpt, run
 
 
 def last_epoch(path):
@@ -221,9 +235,11 @@ def resume_stage(run, ckpt, path, typed, section, what, new, model_flags=None):
     refuse_changes(old, {k: v for k, v in typed.items() if k in old}, (f"{section}epochs",),
                    f"cannot resume {what} in {path}: it was made with", f"drop those flags to resume it, or {fix}")
     epochs = typed.get(f"{section}epochs", old.get(f"{section}epochs"))
-    check_extension(old.get(f"{section}lr_schedule"), old.get(f"{section}epochs"), epochs, f"{what} in {path}",
-                    f"resume without --{section}epochs, or {fix}")
-    return RunConfig.from_flags({**run.flags(), **old, f"{section}epochs": epochs})
+    legs = extend_legs(old.get(f"{section}lr_schedule"), ckpt["config"].get("lr_legs") or [old.get(f"{section}epochs")],
+                       epochs, f"{what} in {path}", f"resume without --{section}epochs, or {fix}")
+    resumed = RunConfig.from_flags({**run.flags(), **old, f"{section}epochs": epochs})
+    resumed.legs = {**run.legs, {"prior_": "prior_train", "gan_": "gan"}[section]: legs}
+    return resumed
 
 
 def resume_prior(run, ckpt, path, typed):
@@ -251,17 +267,14 @@ def check_run(run, world_size):
                            "add --ema, or --restart_after 0, or drop --compile")
 
 
-def check_extension(schedule, old_epochs, epochs, what, fix):
-    """Refuse to run `what`, laid out over old_epochs, to another number of epochs on a cosine schedule:
-    the schedule has decayed (`fix`: what to do instead)."""
-    if schedule == "cosine" and epochs != old_epochs:
-        raise ProjectError(f"cannot extend {what} to {epochs} epochs: its cosine schedule was laid out over "
-                           f"{old_epochs} epochs and has decayed; {fix}")
-
-
-def check_warmup(args, total_steps, flag, what):
-    """Refuse a cosine schedule (args: lr_schedule, warmup_steps) whose warm-up is not shorter than the
-    total_steps of `what`: it would never leave warm-up."""
-    if args.lr_schedule == "cosine" and args.warmup_steps >= total_steps:
-        raise ProjectError(f"{flag} {args.warmup_steps} is not shorter than {what} ({total_steps} steps), so the "
-                           f"cosine schedule would never leave warm-up; lower {flag}")
+def extend_legs(schedule, legs, epochs, what, fix):
+    """The legs of `what`'s schedule (the epoch at which each ends) when it resumes to `epochs`: on a
+    cosine schedule, more epochs than its last leg add a leg (warm-up again, then decay to 0 at `epochs`:
+    the last leg has decayed, so it cannot simply be stretched), fewer are refused (`fix`: what to do
+    instead); a constant rate has one leg, whatever the epochs."""
+    if schedule != "cosine":
+        return [epochs]
+    if epochs < legs[-1]:
+        raise ProjectError(f"cannot shorten {what} to {epochs} epochs: its cosine schedule runs to epoch {legs[-1]} "
+                           f"and would stop before it decays; {fix}")
+    return legs if epochs == legs[-1] else legs + [epochs]

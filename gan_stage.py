@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import resume_gan
-from dataset import epoch_batches, get_batch, num_batches
+from dataset import epoch_batches, get_batch
 from figures import save_image_grid
 from files import make_checkpoint, save_checkpoint
 from metrics import evaluate_decoder, ssim
 from modules import reconstruction_loss
-from stage import StageFiles, encoded_splits, restore, start_frozen_stage, write_stage_config
-from utils import ProjectError, autocast_for
+from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, start_frozen_stage,
+                   write_stage_config)
+from utils import ProjectError, autocast_for, deferred_signals
 
 GAN_METRICS = ["epoch", "train_recon_loss", "train_disc_loss", "adaptive_weight", "logits_real", "logits_fake",
                "val_recon_loss", "val_ssim", "val_psnr", "seconds"]
@@ -123,31 +124,38 @@ def train_gan(run, run_dir, typed=None):
                                           f"delete {run_dir}/decoder_gan*.pt to train a new one", model=decoder,
                                           optimizer=opt_g, disc=disc, disc_optimizer=opt_d)
         rows = history["rows"]
-        log(f"resumed the adversarial decoder in {run_dir} after epoch {start_epoch - 1}")
+        inside = frozen.ckpt.get("partial")
+        log(f"resumed the adversarial decoder in {run_dir} " + (f"at epoch {inside['epoch']}, step {inside['step']}"
+                                                                if inside else f"after epoch {start_epoch - 1}"))
 
     # ---- the reference: best.pt's own decoder on the same codes
     evaluate_on = partial(evaluate_decoder, vqvae=vqvae, device=device, batch_size=args.batch_size, precision=precision)
     fixed = slice(0, NUM_COMPARISON)  # the same validation slices every epoch
     ref_fixed = log_reference(evaluate_on, vqvae, codes["validate"], images["validate"], fixed, frozen.vq_path, log)
 
-    # ---- loop
-    ckpt = frozen.ckpt  # a decoder resumed at its last epoch is saved as it is
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        tr = gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images["train"], codes["train"], run, epoch, device)
-        files.check_finite(tr, "an adversarial decoder training loss", epoch)
-        val = evaluate_on(decoder, codes["validate"], images["validate"])
-        rows.append([epoch, *tr, val["recon_loss"], val["ssim"].mean().item(), val["psnr"].mean().item(),
-                     time.time() - t0])
-        res = evaluate_on(decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
-        save_gan_comparison(run_dir / f"gan_epoch_{epoch:03d}_comparison.png", epoch,
-                            images["validate"][fixed].float().cpu(), ref_fixed, res)
-
-        # ---- save
-        ckpt = make_checkpoint("decoder_gan", decoder, config, opt_g, epoch, history={"rows": rows}, device=device,
+    # ---- loop: a stop signal ends the step under way, which is saved to resume from (stage.Pause)
+    def checkpoint(epoch, inside=None):
+        return make_checkpoint("decoder_gan", decoder, config, opt_g, epoch, history={"rows": rows}, device=device,
                                model_args=vqvae.cfg.to_dict(), vqvae=frozen.vq_id, disc=disc.state_dict(),
-                               disc_optimizer=opt_d.state_dict())
-        files.save(rows, ckpt, False, gan_line(dict(zip(GAN_METRICS, rows[-1]))))
+                               disc_optimizer=opt_d.state_dict(), **({"partial": inside} if inside else {}))
+    pause = Pause(files, lambda inside: checkpoint(inside["epoch"] - 1, inside), run.train.save_every_steps,
+                  " the adversarial decoder")
+    ckpt = frozen.ckpt  # a decoder resumed at its last epoch is saved as it is
+    with deferred_signals(resume_command(run_dir, run.train.stage)):
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            tr = gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images["train"], codes["train"], run, epoch, device,
+                           frozen.ckpt, pause)
+            files.check_finite(tr, "an adversarial decoder training loss", epoch)
+            val = evaluate_on(decoder, codes["validate"], images["validate"])
+            rows.append([epoch, *tr, val["recon_loss"], val["ssim"].mean().item(), val["psnr"].mean().item(),
+                         time.time() - t0])
+            res = evaluate_on(decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
+            save_gan_comparison(run_dir / f"gan_epoch_{epoch:03d}_comparison.png", epoch,
+                                images["validate"][fixed].float().cpu(), ref_fixed, res)
+            # ---- save
+            ckpt = checkpoint(epoch)
+            files.save(rows, ckpt, False, gan_line(dict(zip(GAN_METRICS, rows[-1]))))
 
     # The last epoch is the decoder: a GAN has no validation criterion to pick one by (validation MSE
     # and SSIM only fall as the adversarial term trades pixel error for realism, and the
@@ -173,18 +181,23 @@ def gan_line(row):
             f"{row['val_psnr']:.2f} | {row['seconds']:.0f}s")
 
 
-def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, run, epoch, device):
+def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, run, epoch, device, ckpt=None, pause=None):
     """One epoch of the adversarial decoder over the training split's images (N, 1, H, W) in [0, 1] and
     codes (N, h, w): per batch a decoder step, then a discriminator step. -> [5 floats], each the
     epoch's mean per step: the reconstruction loss, the discriminator's loss, the adaptive weight (its
     mean over the steps past the warm-up), and the mean logits of real and of decoded slices (the
-    generator loss is minus the latter)."""
+    generator loss is minus the latter). From the step the resumed checkpoint `ckpt` stopped at, when it
+    stopped inside this epoch; pause: stage.Pause."""
     args, train = run.gan, run.train
     batches = epoch_batches(len(codes), args.batch_size, train.seed, epoch, images.device)
-    step_count = (epoch - 1) * num_batches(len(codes), args.batch_size)
-    sums = torch.zeros(5, device=device)
-    for step, idx in enumerate(tqdm(batches, desc=f"gan epoch {epoch}/{args.epochs}", leave=False,
-                                    dynamic_ncols=True)):
+    order = torch.cat(batches)
+    inside = resume_partial(ckpt, epoch, order)
+    step_count = (epoch - 1) * len(batches)
+    sums = torch.zeros(5, device=device) if inside is None else inside["sums"].to(device)
+    start = inside["step"] if inside else 0
+    for step in tqdm(range(start, len(batches)), desc=f"gan epoch {epoch}/{args.epochs}", leave=False,
+                     dynamic_ncols=True, initial=start, total=len(batches)):
+        idx = batches[step]
         x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]
         with torch.no_grad():  # the codebook is frozen: no graph into it
             z_q = vqvae.vq.embed(codes[idx])  # (B, D, h, w)
@@ -217,6 +230,9 @@ def gan_epoch(decoder, disc, vqvae, opt_g, opt_d, images, codes, run, epoch, dev
         d_loss.backward()
         opt_d.step()
         sums += torch.stack([rec.detach(), d_loss.detach(), weight, real.detach().mean(), fake.detach().mean()])
+        if pause:
+            pause.after_step(epoch, step + 1, len(batches), step_count + step + 1,
+                             lambda: {"order": order, "sums": sums.clone()})
     tr = (sums / len(batches)).tolist()  # the epoch's one host sync
     adversarial = min(len(batches), max(0, step_count + len(batches) - args.disc_start))  # steps past the warm-up
     tr[2] *= len(batches) / max(adversarial, 1)  # the adaptive weight's mean over the steps that used it

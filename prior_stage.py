@@ -9,14 +9,15 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from config import check_warmup, resume_prior
+from config import resume_prior
 from dataset import augment, epoch_batches, num_batches, volume_layout
 from figures import save_curves, save_image_grid
 from files import make_checkpoint
 from metrics import BITS_PER_NAT, encode_split, prior_nll_bits
 from prior import build_prior, conditions
-from stage import StageFiles, encoded_splits, restore, set_lr, start_frozen_stage, write_stage_config
-from utils import autocast_for, to_unit
+from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, schedule_lines, set_lr,
+                   start_frozen_stage, write_stage_config)
+from utils import autocast_for, deferred_signals, to_unit
 
 PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "val_conditioned_nll_bits", "seconds"]
 GIVEN = {"position": "the position", "position+previous": "the position and previous slice"}
@@ -35,10 +36,8 @@ def train_prior(run, run_dir, typed=None):
     # ---- data: every slice encoded once, the prior never sees an image
     codes, layout, cfg = prior_data(run, frozen)
     n_train = len(codes["train"])
-    total_steps = args.epochs * num_batches(n_train, args.batch_size)
-    check_warmup(args, total_steps, "--prior_warmup_steps", "the prior's run")
     val_cond = conditions(codes["validate"], *layout["validate"], cfg)
-    config = write_stage_config(run, frozen, "prior_", "prior_config.json")
+    config = write_stage_config(run, frozen, "prior_", "prior_config.json", lr_legs=run.legs_of("prior_train"))
 
     # ---- model
     prior = build_prior(cfg).to(device)
@@ -58,31 +57,43 @@ def train_prior(run, run_dir, typed=None):
                                                  model=prior, optimizer=optimizer)
         # rows written before the conditioned NLL existed repeat the NLL in its column
         rows = [r if len(r) == len(PRIOR_METRICS) else r[:3] + r[2:] for r in history["rows"]]
-        log(f"resumed the prior in {run_dir} after epoch {start_epoch - 1} "
-            f"(best validation NLL {best_val:.4f} bits per code)")
+        inside = frozen.ckpt.get("partial")
+        log(f"resumed the prior in {run_dir} " + (f"at epoch {inside['epoch']}, step {inside['step']}" if inside else
+                                                  f"after epoch {start_epoch - 1}")
+            + f" (best validation NLL {best_val:.4f} bits per code)")
+    legs, lines = schedule_lines(args, run.legs_of("prior_train"), num_batches(n_train, args.batch_size), start_epoch,
+                                 "--prior_warmup_steps", "the prior's run")
+    for line in lines:
+        log(line)
 
-    # ---- loop
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        train_bits = prior_epoch(prior, optimizer, codes, layout["train"], cfg, run, epoch, total_steps, device)
-        files.check_finite([train_bits], "prior training NLL", epoch)
-        # Chosen by the unconditional NLL: the samples' (and comparable with unconditional priors).
-        val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision)
-        files.check_finite([val_bits], "prior validation NLL", epoch, validation=True)
-        cond_bits = (prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision, *val_cond)
-                     if cfg.condition != "none" else val_bits)
-        rows.append([epoch, train_bits, val_bits, cond_bits, time.time() - t0])
-        save_prior_samples(run_dir, prior, frozen.vqvae, epoch, val_bits, run, device)
+    # ---- loop: a stop signal ends the step under way, which is saved to resume from (stage.Pause)
+    def checkpoint(partial):
+        return make_checkpoint("prior", prior, config, optimizer, partial["epoch"] - 1, best_val, {"rows": rows},
+                               device, vqvae=frozen.vq_id, partial=partial)
+    pause = Pause(files, checkpoint, run.train.save_every_steps, " the prior")
+    with deferred_signals(resume_command(run_dir, run.train.stage)):
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            train_bits = prior_epoch(prior, optimizer, codes, layout["train"], cfg, run, epoch, legs, device,
+                                     frozen.ckpt, pause)
+            files.check_finite([train_bits], "prior training NLL", epoch)
+            # Chosen by the unconditional NLL: the samples' (and comparable with unconditional priors).
+            val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision)
+            files.check_finite([val_bits], "prior validation NLL", epoch, validation=True)
+            cond_bits = (prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision,
+                                        *val_cond) if cfg.condition != "none" else val_bits)
+            rows.append([epoch, train_bits, val_bits, cond_bits, time.time() - t0])
+            save_prior_samples(run_dir, prior, frozen.vqvae, epoch, val_bits, run, device)
 
-        # ---- save
-        improved = val_bits < best_val
-        best_val = min(best_val, val_bits)
-        ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, device,
-                               vqvae=frozen.vq_id)
-        files.save(rows, ckpt, improved, f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL "
-                   f"{val_bits:.4f} bits per code"
-                   + (f" ({cond_bits:.4f} given {GIVEN[cfg.condition]})" if cfg.condition != "none" else "")
-                   + f" | {rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
+            # ---- save
+            improved = val_bits < best_val
+            best_val = min(best_val, val_bits)
+            ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, device,
+                                   vqvae=frozen.vq_id)
+            files.save(rows, ckpt, improved, f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL "
+                       f"{val_bits:.4f} bits per code"
+                       + (f" ({cond_bits:.4f} given {GIVEN[cfg.condition]})" if cfg.condition != "none" else "")
+                       + f" | {rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
 
     columns = {"train": "train_nll_bits", "validation": "val_nll_bits"}
     if cfg.condition != "none":
@@ -111,26 +122,36 @@ def prior_data(run, frozen):
     return codes, layout, cfg
 
 
-def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, total_steps, device):
-    """One epoch of the prior over the training maps (prior_batch draws each batch) -> the training
-    NLL in bits per code, averaged over the epoch's maps."""
+def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, ckpt=None, pause=None):
+    """One epoch of the prior over the training maps (prior_batch draws each batch), from the step the
+    resumed checkpoint `ckpt` stopped at when it stopped inside this epoch -> the training NLL in bits
+    per code, averaged over the epoch's maps. legs: the schedule (stage.lr_at); pause: stage.Pause."""
     args = run.prior_train
     n_train = len(codes["train"])
-    steps_per_epoch = num_batches(n_train, args.batch_size)
+    batches = epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device)
+    order = torch.cat(batches)
+    partial = resume_partial(ckpt, epoch, order)
     prior.train()
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     g = torch.Generator(device).manual_seed(run.train.seed * 100_003 + epoch)  # the drops: resumable
-    for step, idx in enumerate(tqdm(epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device),
-                                    desc=f"prior epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)):
-        batch = prior_batch(codes, layout, idx, cfg, args, g)
+    if partial:
+        total.copy_(partial["total"])
+        g.set_state(partial["generator"])
+    start = partial["step"] if partial else 0
+    for step in tqdm(range(start, len(batches)), desc=f"prior epoch {epoch}/{args.epochs}", leave=False,
+                     dynamic_ncols=True, initial=start, total=len(batches)):
+        batch = prior_batch(codes, layout, batches[step], cfg, args, g)
         with autocast_for(device, run.train.precision):
             nll = prior.nll(*batch)  # (B,) nats per code
         loss = nll.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        set_lr(optimizer, (epoch - 1) * steps_per_epoch + step, args, total_steps)
+        set_lr(optimizer, (epoch - 1) * len(batches) + step, args, legs)
         optimizer.step()
         total += nll.detach().sum()
+        if pause:
+            pause.after_step(epoch, step + 1, len(batches), (epoch - 1) * len(batches) + step + 1,
+                             lambda: {"order": order, "total": total.clone(), "generator": g.get_state()})
     return total.item() / n_train * BITS_PER_NAT
 
 

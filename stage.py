@@ -4,6 +4,9 @@ its resume, the learning-rate schedule, and the end of each epoch (the NaN check
 last checkpoints, the log line; the csv's columns for the stage's curves). train.py (the VQ-VAE), prior_stage.py
 and gan_stage.py each add only what is their own."""
 import math
+import os
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +14,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
+
 from config import stage_flag_names
 from dataset import load_split, place, recorded_data_dir
 from files import fingerprint, load_checkpoint, new_run_dir, save_checkpoint, write_csv, write_json
 from metrics import encode_split
 from runs import load_vqvae
-from utils import ProjectError, configure_backends, pick_device, seed_everything, set_rng_state
+from utils import (ProjectError, Stopped, configure_backends, pick_device, seed_everything, set_rng_state, stop_message,
+                   stop_signal)
 
 STAGE_NAMES = {"prior": "prior", "decoder_gan": "adversarial decoder"}  # by checkpoint kind
 
@@ -30,8 +39,9 @@ def open_log(path):
     except OSError as e:
         raise ProjectError(f"cannot write {path}: {e.strerror}; pick another --out_dir") from None
 
-    def log(msg):
-        tqdm.write(msg)
+    def log(msg, echo=True):
+        if echo:
+            tqdm.write(msg)
         try:
             print(msg, file=log_file, flush=True)
         except OSError as e:  # a full disk: the lines already in log.txt stay, and the run says so in one line
@@ -41,18 +51,54 @@ def open_log(path):
 
 
 def open_run_dir(out_dir, resumed, main_rank, world_size):
-    """-> (the run folder, log): a new folder (or, `resumed`, the run's own), made by rank 0 and told to
-    the other ranks; log(msg) writes on rank 0 only."""
+    """-> (the run folder, log): a new folder (or, `resumed`, the run's own), made and locked by rank 0
+    and told to the other ranks; log(msg) writes on rank 0 only."""
     if main_rank:
         out_dir = Path(out_dir) if resumed else new_run_dir(out_dir)
+        lock_run(out_dir)
         log = open_log(out_dir / "log.txt")
     else:
-        log = lambda msg: None  # noqa: E731
+        log = lambda msg, echo=True: None  # noqa: E731
     if world_size > 1:  # every rank learns rank 0's run folder
         box = [str(out_dir)]
         dist.broadcast_object_list(box, src=0)
         out_dir = box[0]
     return Path(out_dir), log
+
+
+_held = {}  # run folder (resolved) -> the open lock file this process holds on it
+
+
+def lock_run(run_dir):
+    """Hold run_dir/.lock for the rest of this process, so that no second process (a second train.py
+    into the same --out_dir, a --resume of a run still training) writes into the folder: it is refused
+    in one line naming the holder. The lock is an flock, which the OS lets go of when its process ends
+    however it ends, so the lock of a dead process is taken over; a file system without flock runs
+    unlocked."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held or fcntl is None:  # --stage all: the later stages of the same process
+        return
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ProjectError(f"cannot write {path}: {e.strerror}; pick another --out_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ProjectError(f"run folder {run_dir} is in use by {holder}; wait for it to end, or stop it (it saves "
+                           f"and stops on SIGTERM or Ctrl-C) and resume it, or pick another --out_dir") from None
+    except OSError:  # no flock on this file system (some network ones): the run goes on unlocked
+        pass
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:300]})\n".encode(), 0)
+    except OSError as e:
+        raise ProjectError(f"cannot write {path}: {e.strerror}; free space or pick another --out_dir") from None
+    _held[key] = fd
 
 
 def retire(run_dir, stage, patterns):
@@ -93,6 +139,7 @@ def start_frozen_stage(run, run_dir, last_path, kind, resume, patterns, typed, c
     checkpoint under way in last_path is resumed (its flags ruling, through `resume`), or, when it
     learned the codes of an earlier best.pt, its files (`patterns`) are moved aside and a new one starts;
     then `check` (the run's settings together), seeding, the device and the log -> (run, Frozen)."""
+    lock_run(run_dir)  # before anything in the folder is moved or written
     vq_path = run_dir / "best.pt"
     vq_ckpt = load_checkpoint(vq_path)
     vq_id = fingerprint(vq_ckpt["model"])  # the stage is valid for exactly these weights
@@ -155,21 +202,51 @@ def restore(ckpt, device, what, fix, **parts):
 
 # ----------------------------------------------------------------------------- schedule
 
-def lr_at(step, args, total_steps):
-    """Learning rate for optimizer step `step` (0-based): constant as in the seed, or linear warm-up
-    over --warmup_steps then cosine decay to 0 at the last step of --epochs."""
+def lr_at(step, args, legs):
+    """Learning rate for optimizer step `step` (0-based): constant as in the seed, or per leg of the
+    schedule (legs: the step at which each ends; one leg unless the run was extended) a linear warm-up
+    over --warmup_steps (a tenth of the leg when that is not shorter) then cosine decay to 0 at its end."""
     if args.lr_schedule == "constant":
         return args.lr
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    start = max([0] + [end for end in legs if end <= step])
+    end = next((end for end in legs if end > step), legs[-1])
+    warmup = warmup_steps(args.warmup_steps, end - start)
+    if step - start < warmup:
+        return args.lr * (step - start + 1) / warmup
+    progress = (step - start - warmup) / max(1, end - start - warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def set_lr(optimizer, step, args, total_steps):
+def warmup_steps(flag, leg_steps):
+    """The warm-up of a leg of leg_steps steps: --warmup_steps, or a tenth of the leg when the flag's is
+    not shorter than it (a short run would otherwise never leave warm-up)."""
+    return flag if flag < leg_steps else leg_steps // 10
+
+
+def set_lr(optimizer, step, args, legs):
     """Every parameter group at lr_at(step) (args: lr, lr_schedule, warmup_steps)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, args, total_steps)
+        group["lr"] = lr_at(step, args, legs)
+
+
+def schedule_lines(args, legs, steps_per_epoch, start_epoch, flag, what):
+    """The schedule of `what` in steps (legs in epochs -> the step at which each ends), and the log
+    lines a user should read about it: a warm-up scaled down to fit, a new leg starting now."""
+    steps = [e * steps_per_epoch for e in legs]
+    lines = []
+    if args.lr_schedule == "cosine":
+        first = legs[-2] + 1 if len(legs) > 1 else 1
+        leg_steps = steps[-1] - (steps[-2] if len(legs) > 1 else 0)
+        warmup = warmup_steps(args.warmup_steps, leg_steps)
+        if len(legs) > 1 and start_epoch == first:
+            lines.append(f"epochs {first}-{legs[-1]} of {what} are a new leg of its cosine schedule (its last leg "
+                         f"had decayed): warm-up over {warmup} steps to {args.lr:g}, then decay to 0 at epoch "
+                         f"{legs[-1]}")
+        if warmup != args.warmup_steps and start_epoch <= legs[-1]:
+            lines.append(f"{flag} {args.warmup_steps} is not shorter than {what}"
+                         + ("'s new leg" if len(legs) > 1 else "") + f" ({leg_steps} steps): warming up over "
+                         f"{warmup} step{'' if warmup == 1 else 's'} instead")
+    return steps, lines
 
 
 # ----------------------------------------------------------------------------- each epoch's files
@@ -210,3 +287,58 @@ class StageFiles:
     def column(self, rows, name):
         """One csv column of `rows` (for the stage's curves)."""
         return [r[self.header.index(name)] for r in rows]
+
+
+# ----------------------------------------------------------------------------- inside an epoch
+
+class Pause:
+    """The moments between two training steps at which a stage saves where it is inside an epoch: every
+    --save_every_steps steps (`every`; 0: never) and, once a stop signal came (utils.deferred_signals),
+    at the end of the step under way, after which the stage stops (Stopped: one line, 128 + the
+    signal). What is saved is the stage's last checkpoint, made by checkpoint(partial), whose "partial"
+    entry is partial = {"epoch", "step": steps done in it, the epoch's batch "order", and what the stage
+    adds: its sums so far, its generators}; its "epoch" stays the last finished one. Under torchrun the
+    ranks agree on the signal at every step (over `group`), so all stop at the same one; rank 0 saves.
+    `what`: the stage as the stop's line names it (" the prior"; stage 1: "")."""
+
+    def __init__(self, files, checkpoint, every, what="", main_rank=True, world_size=1, group=None):
+        self.files, self.checkpoint, self.every, self.what = files, checkpoint, every, what
+        self.main_rank, self.world_size, self.group = main_rank, world_size, group
+
+    def after_step(self, epoch, done, n_steps, global_step, state):
+        """`done` of the epoch's n_steps steps are done (global_step of the run's); state() -> what the
+        stage adds to the partial entry (a collective under torchrun: every rank calls it)."""
+        signum = stop_signal()
+        if self.world_size > 1:  # one tiny CPU collective (gloo) per step: no GPU sync
+            flag = torch.tensor([signum or 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            signum = int(flag) or None
+        due = self.every and global_step % self.every == 0 and done < n_steps  # the epoch's end saves anyway
+        if not (signum or due):
+            return
+        partial = {"epoch": epoch, "step": done, **state()}
+        if self.main_rank:
+            save_checkpoint(self.files.last, self.checkpoint(partial))
+        if signum:
+            message = stop_message(signum, f"{self.what} at epoch {epoch}, step {done} of {n_steps}")
+            self.files.log(message, echo=False)  # the terminal gets it once, from run_main
+            raise Stopped(message if self.main_rank else "", signum)
+
+
+def resume_command(run_dir, stage="all", world_size=1):
+    """The command that goes on with the run in run_dir where a stop leaves it: --stage only when one
+    stage was asked for, torchrun as the run was started."""
+    start = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
+    return start + (f" --stage {stage}" if stage != "all" else "") + f" --resume {run_dir}"
+
+
+def resume_partial(ckpt, epoch, order):
+    """The partial entry of a resumed checkpoint when it is inside `epoch` (else None), checked against
+    the epoch's batch order now (order: the epoch's index tensors, concatenated)."""
+    partial = ckpt.get("partial") if ckpt else None
+    if not partial or partial["epoch"] != epoch:
+        return None
+    if not torch.equal(partial["order"].cpu(), order.cpu()):
+        raise ProjectError(f"cannot resume inside epoch {epoch}: its batches are not those the run was stopped in "
+                           f"(the training split changed since); restore the data, or resume from best.pt")
+    return partial

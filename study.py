@@ -175,7 +175,7 @@ def measure_cost(run, steps=3):
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         train.train_epoch(model, optimizer, images, [torch.arange(args.batch_size)], torch.device("cpu"), args, 0,
-                          1000, show=False)
+                          [1000], show=False)
         times.append(time.perf_counter() - t0)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9, float(np.median(times[1:]))
 

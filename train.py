@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import RunConfig, add_run_flags, check_run, check_warmup, resume_run
+from config import RunConfig, add_run_flags, check_run, resume_run
 from dataset import augment, epoch_batches, get_batch, num_batches, resolve_data_dir
 from figures import save_comparison, save_curves
 from files import Writer, make_checkpoint, write_json
@@ -41,13 +41,15 @@ from gan_stage import check_gan, train_gan
 from metrics import codebook_stats, evaluate, ssim
 from modules import VQVAE, reconstruction_loss
 from prior_stage import train_prior
-from stage import StageFiles, load_splits, open_run_dir, restore, set_lr
-from utils import (ProjectError, autocast_for, configure_backends, pick_device, run_main, seed_everything, to_unit,
-                   uses_bf16)
+from stage import (Pause, StageFiles, load_splits, open_run_dir, restore, resume_command, resume_partial,
+                   schedule_lines, set_lr)
+from utils import (ProjectError, autocast_for, configure_backends, deferred_signals, pick_device, resumable, run_main,
+                   seed_everything, to_unit, uses_bf16)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
+STOP_GROUP = {}  # under torchrun on GPUs: the CPU (gloo) process group the ranks agree on a stop signal in
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 # The stages on a run's frozen best.pt, in the order --stage all runs them (the adversarial decoder
 # only with --gan_epochs): --stage NAME -> (what it trains, its function).
@@ -67,6 +69,8 @@ def main(args):
     flags = vars(args)
     ckpt, run = resume_run(flags) if flags.get("resume") else (None, RunConfig.from_flags(flags))
     stage = run.train.stage
+    if ckpt:  # a stop from here on leaves the run as it was: resumable as before
+        resumable(resume_command(run.train.out_dir, stage))
     if stage == "all" and run.gan.epochs and not ckpt:
         check_gan(run)  # before stage 1, not after it has run (on resume: against the decoder under way)
     if stage in STAGES:
@@ -107,8 +111,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     data_dir = resolve_data_dir(args.data_dir)
     sets, images = load_splits(data_dir, cfg.image_size, device)  # (N, 1, H, W) float16 in [0, 1] each
     # Under --compile every step has the same shape: a ragged last batch would compile a second graph.
-    total_steps = args.epochs * num_batches(len(images["train"]), args.batch_size, world_size, drop_last=args.compile)
-    check_warmup(args, total_steps, "--warmup_steps", "the run")
+    steps_per_epoch = num_batches(len(images["train"]), args.batch_size, world_size, drop_last=args.compile)
     fixed = sets["validate"].images[:NUM_COMPARISON]  # (6, 1, H, W) in [0, 1]: the same slices every epoch
     files, config = start_run(run, data_dir, images, ckpt, device, rank, world_size)
     log = files.log
@@ -125,39 +128,53 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     start_epoch, best_val, history = 1, float("inf"), {"rows": [], "batch_losses": []}
     if ckpt:
         start_epoch, best_val, history = resume_vqvae(model, optimizer, ckpt, device, args.resume)
-        log(f"resumed {args.resume} after epoch {start_epoch - 1} (best validation MSE {best_val:.4f})")
+        inside = ckpt.get("partial")
+        log(f"resumed {args.resume} " + (f"at epoch {inside['epoch']}, step {inside['step']}" if inside else
+                                         f"after epoch {start_epoch - 1}") + f" (best validation MSE {best_val:.4f})")
+    legs, lines = schedule_lines(args, run.legs_of("train"), steps_per_epoch, start_epoch, "--warmup_steps", "the run")
+    for line in lines:
+        log(line)
 
-    # ---- loop
+    # ---- loop: a stop signal ends the step under way, which is saved to resume from (Pause)
     rows, batch_losses = history["rows"], history["batch_losses"]
     writer = Writer(background=device.type == "cuda")  # inline on the CPU: nothing to overlap with
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        tr, epoch_losses = run_epoch(model, net, optimizer, images["train"], run, epoch, total_steps, device, rank,
-                                     world_size)
-        files.check_finite(epoch_losses, "training loss", epoch, per_step=True)
-        batch_losses += epoch_losses
-        if world_size > 1:  # collective: before anything that could stop one rank alone
-            check_same_codebook(model, epoch)
-        val = evaluate(model, images["validate"], device, args.batch_size, precision=args.precision)
-        files.check_finite([val["loss"]], "validation loss", epoch, validation=True)
-        rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
-                     val["psnr"].mean().item(), *codebook_stats(val["counts"]), time.time() - t0])
-        # ---- save (rank 0, by the writer: beside the next epoch's training on CUDA)
-        # Best by validation reconstruction MSE: it measures the images the decoder makes from the
-        # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
-        # --best_by last: every epoch is the best so far (best_val is then the last epoch's MSE).
-        improved = args.best_by == "last" or val["recon_loss"] < best_val
-        best_val = val["recon_loss"] if args.best_by == "last" else min(best_val, val["recon_loss"])
-        if main_rank:
-            res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
-            ckpt = make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
-                                   {"rows": rows, "batch_losses": batch_losses}, device)
-            writer.submit(save_epoch, files, fixed, res, cfg.num_embeddings, list(rows), ckpt, improved,
-                          epoch_line(dict(zip(METRICS, rows[-1])), optimizer.param_groups[0]["lr"], improved))
-        stop_together(writer.failure() if main_rank else None, world_size, device)
+
+    def checkpoint(partial):  # last.pt inside an epoch: after the epoch files still being written
+        failure = writer.failure(wait=True)
+        if failure:
+            raise failure
+        return make_checkpoint("vqvae", model, config, optimizer, partial["epoch"] - 1, best_val,
+                               {"rows": rows, "batch_losses": batch_losses}, device, partial=partial)
+    pause = Pause(files, checkpoint, args.save_every_steps, "", main_rank, world_size, STOP_GROUP.get("group"))
+    with deferred_signals(resume_command(files.run_dir, args.stage, world_size)):
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            tr, epoch_losses = run_epoch(model, net, optimizer, images["train"], run, epoch, legs, device, rank,
+                                         world_size, ckpt, pause)
+            files.check_finite(epoch_losses, "training loss", epoch, per_step=True)
+            batch_losses += epoch_losses
+            if world_size > 1:  # collective: before anything that could stop one rank alone
+                check_same_codebook(model, epoch)
+            val = evaluate(model, images["validate"], device, args.batch_size, precision=args.precision)
+            files.check_finite([val["loss"]], "validation loss", epoch, validation=True)
+            rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
+                         val["psnr"].mean().item(), *codebook_stats(val["counts"]), time.time() - t0])
+            # ---- save (rank 0, by the writer: beside the next epoch's training on CUDA)
+            # Best by validation reconstruction MSE: it measures the images the decoder makes from the
+            # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
+            # --best_by last: every epoch is the best so far (best_val is then the last epoch's MSE).
+            improved = args.best_by == "last" or val["recon_loss"] < best_val
+            best_val = val["recon_loss"] if args.best_by == "last" else min(best_val, val["recon_loss"])
+            if main_rank:
+                res = evaluate(model, fixed, device, NUM_COMPARISON, keep=True, precision=args.precision)
+                epoch_ckpt = make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
+                                             {"rows": rows, "batch_losses": batch_losses}, device)
+                writer.submit(save_epoch, files, fixed, res, cfg.num_embeddings, list(rows), epoch_ckpt, improved,
+                              epoch_line(dict(zip(METRICS, rows[-1])), optimizer.param_groups[0]["lr"], improved))
+            stop_together(writer.failure() if main_rank else None, world_size, device)
+        stop_together(writer.close() if main_rank else None, world_size, device)
 
     # ---- the run's curves
-    stop_together(writer.close() if main_rank else None, world_size, device)
     if main_rank:
         save_vqvae_curves(files, rows, batch_losses, args, cfg.num_embeddings, world_size, best_val)
     return files.run_dir
@@ -172,7 +189,7 @@ def start_run(run, data_dir, images, resumed, device, rank, world_size):
     dtype = "bf16" if uses_bf16(device, args.precision) else "fp32"
     config = {**run.flags(), "data_dir": None if args.data_dir is None else str(data_dir.resolve()),
               "out_dir": str(out_dir), "device": str(device), "resume": None, "world_size": world_size,
-              "dtype": dtype}
+              "dtype": dtype, "lr_legs": run.legs_of("train")}
     if rank == 0:
         write_json(out_dir / "config.json", config)
     log(f"run {out_dir}: {len(images['train'])} train / {len(images['validate'])} validation slices from {data_dir}, "
@@ -192,19 +209,39 @@ def resume_vqvae(model, optimizer, ckpt, device, resume):
     return out
 
 
-def run_epoch(model, net, optimizer, train_images, run, epoch, total_steps, device, rank, world_size):
-    """One epoch of stage 1 on this process's share of each global batch -> (the epoch's five means per
-    slice (train_epoch's sums), the loss of each step), those of the global batches under torchrun."""
+def run_epoch(model, net, optimizer, train_images, run, epoch, legs, device, rank, world_size, ckpt=None, pause=None):
+    """One epoch of stage 1 on this process's share of each global batch (from the step the resumed
+    checkpoint `ckpt` stopped at, when it stopped inside this epoch) -> (the epoch's five means per slice
+    (train_epoch's sums), the loss of each step), those of the global batches under torchrun."""
     args = run.train
     batches = epoch_batches(len(train_images), args.batch_size, args.seed, epoch, train_images.device, rank,
                             world_size, drop_last=args.compile)
-    steps_per_epoch = num_batches(len(train_images), args.batch_size, world_size, drop_last=args.compile)
+    # The epoch's global batch order (every rank's shares), which a stop inside the epoch saves.
+    order = torch.cat(epoch_batches(len(train_images), args.batch_size, args.seed, epoch, "cpu",
+                                    drop_last=args.compile)[:len(batches)])
+    partial = resume_partial(ckpt, epoch, order)
+    sums = torch.zeros(5, device=device)
+    step_losses = torch.zeros(len(batches), device=device)
+    if partial and rank == 0:  # the global sums so far; the other ranks' shares add on from zero
+        sums.copy_(partial["sums"])
+        step_losses[:partial["step"]] = partial["step_losses"].to(device) * world_size
     if args.compile and model.vq._needs_init:  # k-means once, eagerly: not a graph compiled for one step
         with torch.no_grad(), autocast_for(device, args.precision):
             model.vq.init_codebook(model.pre_vq_conv(model.encoder(get_batch(train_images, batches[0], device))))
+
+    def state(done):  # what a one-process run holds after `done` steps (a collective under torchrun)
+        s, losses = sums.clone(), step_losses[:done].clone()
+        if world_size > 1:
+            dist.all_reduce(s)
+            dist.all_reduce(losses)
+            losses /= world_size
+        return {"order": order, "sums": s, "step_losses": losses}
     sums, step_losses = train_epoch(net, optimizer, train_images, batches, device, args,
-                                    (epoch - 1) * steps_per_epoch, total_steps, desc=f"epoch {epoch}/{args.epochs}",
-                                    show=rank == 0, rank=rank, world_size=world_size)
+                                    (epoch - 1) * len(batches), legs, desc=f"epoch {epoch}/{args.epochs}",
+                                    show=rank == 0, rank=rank, world_size=world_size, sums=sums,
+                                    step_losses=step_losses, start=partial["step"] if partial else 0,
+                                    pause=pause and (lambda done, step_count: pause.after_step(
+                                        epoch, done, len(batches), step_count, lambda: state(done))))
     if world_size > 1:
         dist.all_reduce(sums)  # over the global batches: the numbers a one-process run logs
         dist.all_reduce(step_losses)
@@ -272,6 +309,8 @@ def init_distributed(device_name):
         return 0, 1
     on_gpu = torch.cuda.is_available() and (device_name is None or torch.device(device_name).type == "cuda")
     dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:  # the ranks agree on a stop signal at every step on the CPU: no GPU sync for it
+        STOP_GROUP["group"] = dist.new_group(backend="gloo")
     return dist.get_rank(), world_size
 
 
@@ -307,18 +346,22 @@ def build_optimizer(model, lr, device):
                             fused=device.type == "cuda" or None)
 
 
-def train_epoch(net, optimizer, images, batches, device, args, step_count, total_steps, desc="", show=True,
-                rank=0, world_size=1):
-    """Train on `batches` (index tensors into images (N, 1, H, W) in [0, 1]) -> (sums (5,): loss,
-    recon, codebook, commitment and SSIM summed over this process's slices; the loss of each step).
-    Both stay on the device: no step waits for it; the caller reads them once. The batches are
-    augmented here (the --aug_* settings), and only here: validation, test and predict never are.
-    The training SSIM and losses are thus those of the augmented batches."""
+def train_epoch(net, optimizer, images, batches, device, args, step_count, legs, desc="", show=True,
+                rank=0, world_size=1, sums=None, step_losses=None, start=0, pause=None):
+    """Train on `batches` (index tensors into images (N, 1, H, W) in [0, 1]) from batch `start` on ->
+    (sums (5,): loss, recon, codebook and commitment and SSIM summed over this process's slices; the
+    loss of each step), added to `sums` and `step_losses` when given (a resumed epoch's). Both stay on
+    the device: no step waits for it; the caller reads them once. step_count: the run's steps before
+    these batches; legs: the schedule (stage.lr_at); pause(done, steps of the run), if given, after each
+    step (stage.Pause). The batches are augmented here (the --aug_* settings), and only here:
+    validation, test and predict never are. The training SSIM and losses are thus those of the
+    augmented batches."""
     aug = augment_settings(args)
-    sums = torch.zeros(5, device=device)
-    step_losses = torch.zeros(len(batches), device=device)
-    for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not show)):
-        x = get_batch(images, idx, device)  # (B, 1, H, W) in [-1, 1]; one channel: already channels_last
+    sums = torch.zeros(5, device=device) if sums is None else sums
+    step_losses = torch.zeros(len(batches), device=device) if step_losses is None else step_losses
+    for step in tqdm(range(start, len(batches)), desc=desc, leave=False, dynamic_ncols=True, disable=not show,
+                     initial=start, total=len(batches)):
+        x = get_batch(images, batches[step], device)  # (B, 1, H, W) in [-1, 1]; one channel: already channels_last
         if aug:  # skipped when off: not even an identity resampling, so such a run is bit-identical to before
             x = augment(x, args.seed, step_count + step, **aug, rank=rank, world_size=world_size)
         with autocast_for(device, args.precision):
@@ -329,10 +372,12 @@ def train_epoch(net, optimizer, images, batches, device, args, step_count, total
                 loss = loss + args.ssim_weight * (1 - ssim((out["x_recon"] + 1) / 2, (x + 1) / 2)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        set_lr(optimizer, step_count + step, args, total_steps)
+        set_lr(optimizer, step_count + step, args, legs)
         optimizer.step()
         sums += step_metrics(out, x, loss, recon_loss)
         step_losses[step] = loss.detach()
+        if pause:
+            pause(step + 1, step_count + step + 1)
     return sums, step_losses
 
 
