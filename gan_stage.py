@@ -20,7 +20,8 @@ from metrics import evaluate_decoder, ssim
 from modules import reconstruction_loss
 from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, start_frozen_stage,
                    write_stage_config)
-from utils import ProjectError, autocast_for, deferred_signals
+from stopping import deferred_signals
+from utils import ProjectError, autocast_for
 
 GAN_METRICS = ["epoch", "train_recon_loss", "train_disc_loss", "adaptive_weight", "logits_real", "logits_fake",
                "val_recon_loss", "val_ssim", "val_psnr", "seconds"]

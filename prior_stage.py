@@ -17,7 +17,8 @@ from metrics import BITS_PER_NAT, encode_split, prior_nll_bits
 from prior import build_prior, conditions
 from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, schedule_lines, set_lr,
                    start_frozen_stage, write_stage_config)
-from utils import autocast_for, deferred_signals, to_unit
+from stopping import deferred_signals
+from utils import autocast_for, to_unit
 
 PRIOR_METRICS = ["epoch", "train_nll_bits", "val_nll_bits", "val_conditioned_nll_bits", "seconds"]
 GIVEN = {"position": "the position", "position+previous": "the position and previous slice"}

@@ -24,8 +24,8 @@ from dataset import load_split, place, recorded_data_dir
 from files import fingerprint, load_checkpoint, new_run_dir, save_checkpoint, write_csv, write_json
 from metrics import encode_split
 from runs import load_vqvae
-from utils import (ProjectError, Stopped, configure_backends, pick_device, seed_everything, set_rng_state, stop_message,
-                   stop_signal)
+from stopping import Stopped, stop_message, stop_signal
+from utils import ProjectError, configure_backends, pick_device, seed_everything, set_rng_state
 
 STAGE_NAMES = {"prior": "prior", "decoder_gan": "adversarial decoder"}  # by checkpoint kind
 
@@ -99,6 +99,14 @@ def lock_run(run_dir):
     except OSError as e:
         raise ProjectError(f"cannot write {path}: {e.strerror}; free space or pick another --out_dir") from None
     _held[key] = fd
+
+
+def unlock_runs():
+    """Let go of every run folder this process holds (at the end of train.main, for a caller that goes
+    on in the same process)."""
+    for fd in _held.values():
+        os.close(fd)  # closing the file lets go of its flock
+    _held.clear()
 
 
 def retire(run_dir, stage, patterns):
@@ -218,9 +226,9 @@ def lr_at(step, args, legs):
 
 
 def warmup_steps(flag, leg_steps):
-    """The warm-up of a leg of leg_steps steps: --warmup_steps, or a tenth of the leg when the flag's is
-    not shorter than it (a short run would otherwise never leave warm-up)."""
-    return flag if flag < leg_steps else leg_steps // 10
+    """The warm-up of a leg of leg_steps steps: --warmup_steps, or a tenth of the leg (at least a step)
+    when the flag's is not shorter than it (a short run would otherwise never leave warm-up)."""
+    return flag if flag < leg_steps else max(1, leg_steps // 10)
 
 
 def set_lr(optimizer, step, args, legs):

@@ -28,7 +28,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
+import stopping
+
+if __name__ == "__main__":  # before torch loads (seconds), so that a stop then is one line too
+    stopping.catch_signals()
+
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -42,9 +47,10 @@ from metrics import codebook_stats, evaluate, ssim
 from modules import VQVAE, reconstruction_loss
 from prior_stage import train_prior
 from stage import (Pause, StageFiles, load_splits, open_run_dir, restore, resume_command, resume_partial,
-                   schedule_lines, set_lr)
-from utils import (ProjectError, autocast_for, configure_backends, deferred_signals, pick_device, resumable, run_main,
-                   seed_everything, to_unit, uses_bf16)
+                   schedule_lines, set_lr, unlock_runs)
+from stopping import defer_signals, deferred_signals, resumable
+from utils import (ProjectError, autocast_for, configure_backends, pick_device, run_main, seed_everything, to_unit,
+                   uses_bf16)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
            "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
@@ -66,7 +72,14 @@ def main(args):
     """Stage 1, the VQ-VAE, then with --gan_epochs the adversarial decoder, then stage 2, the prior over
     the codes (--stage picks one). args holds only the flags typed; every other setting takes its
     default, or on resume the run's own."""
-    flags = vars(args)
+    try:
+        train_stages(vars(args))
+    finally:
+        unlock_runs()
+
+
+def train_stages(flags):
+    """main's stages for the flags typed {name: value}."""
     ckpt, run = resume_run(flags) if flags.get("resume") else (None, RunConfig.from_flags(flags))
     stage = run.train.stage
     if ckpt:  # a stop from here on leaves the run as it was: resumable as before
@@ -113,6 +126,7 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     # Under --compile every step has the same shape: a ragged last batch would compile a second graph.
     steps_per_epoch = num_batches(len(images["train"]), args.batch_size, world_size, drop_last=args.compile)
     fixed = sets["validate"].images[:NUM_COMPARISON]  # (6, 1, H, W) in [0, 1]: the same slices every epoch
+    defer_signals()  # from the run folder on, a stop waits for the first step's end and saves it (Pause)
     files, config = start_run(run, data_dir, images, ckpt, device, rank, world_size)
     log = files.log
 

@@ -1,27 +1,18 @@
-"""The runtime every script shares: the project error and its one-line exit, stopping on a signal, the
+"""The runtime every script shares: the project error and its one-line exit (and a stop's, stopping.py), the
 one device picker with its backends and precision, seeding and the generator states a resumed run
 restores, and the model's value range. Files are in files.py, metrics in metrics.py, figures in figures.py."""
 import os
 import random
-import signal
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from stopping import Stopped, catch_signals, finished
+
 
 class ProjectError(Exception):
     """Bad input or environment: a script prints the message as one line and exits with code 2."""
-
-
-class Stopped(Exception):
-    """A stop asked for by a signal: a script prints the message (if any) as one line and exits with the
-    shell's code for that signal, 128 + its number (SIGINT 130, SIGUSR1 138, SIGTERM 143)."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.code = 128 + signum
 
 
 def run_main(main, args):
@@ -30,6 +21,7 @@ def run_main(main, args):
     catch_signals()
     try:
         main(args)
+        finished()
     except ProjectError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -37,62 +29,6 @@ def run_main(main, args):
         if str(e):
             print(e, file=sys.stderr)
         sys.exit(e.code)
-
-
-# ----------------------------------------------------------------------------- stopping on a signal
-# SLURM (at the time limit, on preemption, or early with --signal), Kubernetes and spot instances send
-# SIGTERM long before they kill a job; Ctrl-C is SIGINT; SIGUSR1 is the usual chosen --signal. Outside a
-# training loop a stop is immediate (nothing of the work under way can be kept); inside one
-# (deferred_signals) it waits for the end of the step, which a stage then saves before it stops.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-_stop = {"signum": None, "deferred": False, "resume": None}
-
-
-def catch_signals():
-    """Route the stop signals to _on_signal (from the main thread; a no-op elsewhere)."""
-    try:
-        for s in STOP_SIGNALS:
-            signal.signal(s, _on_signal)
-    except ValueError:  # not the main thread: signals stay as they were
-        pass
-
-
-def _on_signal(signum, frame):
-    if _stop["signum"] is not None:
-        return  # already stopping (a second Ctrl-C, or torchrun passing the signal on): the save goes on
-    _stop["signum"] = signum
-    if not _stop["deferred"]:
-        raise Stopped(stop_message(signum), signum)
-
-
-def stop_message(signum, where=""):
-    """The one line of a stop by `signum`: where it stopped, and how to go on."""
-    then = f"resume with {_stop['resume']}" if _stop["resume"] else "nothing was saved to resume from; start again"
-    return f"stopped{where} by {signal.Signals(signum).name}; {then}"
-
-
-def resumable(command):
-    """From now on a stop names `command` as the way to go on (the run has a checkpoint to resume)."""
-    _stop["resume"] = command
-
-
-def stop_signal():
-    """The stop signal received so far (its number), or None."""
-    return _stop["signum"]
-
-
-@contextmanager
-def deferred_signals(resume):
-    """Inside: a stop signal only sets stop_signal() (the training loop saves and stops at the end of its
-    step); `resume` is the command that goes on from what the loop saves. A signal the loop did not
-    act on (it came after the last step's check) stops at the end of the block."""
-    _stop.update(deferred=True, resume=resume)
-    try:
-        yield
-    finally:
-        _stop["deferred"] = False
-    if _stop["signum"] is not None:
-        raise Stopped(stop_message(_stop["signum"]), _stop["signum"])
 
 
 def pick_device(name=None, local_rank=None):

@@ -231,7 +231,8 @@ def test_predict_renders_samples_with_the_adversarial_decoder(vq_run, tmp_path):
 
 def test_the_prior_has_its_own_cosine_schedule(vq_run, tmp_path):
     """--prior_lr_schedule cosine warms the prior's rate up and decays it to near 0 at the last step of
-    --prior_epochs, and such a prior is not extended (its schedule has decayed); constant keeps --prior_lr."""
+    --prior_epochs; more --prior_epochs add a leg of the schedule (warm-up again, then decay); a warm-up
+    longer than the prior's run is scaled down; constant keeps --prior_lr."""
     import train
     flags = train.get_parser().parse_args
     run_dir = tmp_path / "run"
@@ -240,11 +241,17 @@ def test_the_prior_has_its_own_cosine_schedule(vq_run, tmp_path):
                "--prior_warmup_steps", "1", "--prior_batch_size", "4")  # 8 maps: 2 steps per epoch, 4 in all
     lr = load(run_dir / "prior_last.pt")["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))  # step 3 of 4, after 1 warm-up step
-    with pytest.raises(ProjectError, match="cosine schedule was laid out over 2 epochs"):
-        train.main(flags(["--stage", "prior", "--resume", str(run_dir), "--prior_epochs", "3"]))
+    train_main("--stage", "prior", "--resume", run_dir, "--prior_epochs", "3")  # a new leg of 2 steps
+    ckpt = load(run_dir / "prior_last.pt")
+    assert ckpt["epoch"] == 3 and ckpt["config"]["lr_legs"] == [2, 3]
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 2e-3  # back up: the leg's warm-up step, then its first
+    with pytest.raises(ProjectError, match="cannot shorten the prior"):
+        train.main(flags(["--stage", "prior", "--resume", str(run_dir), "--prior_epochs", "2"]))
     shutil.rmtree(run_dir), shutil.copytree(vq_run, run_dir)
-    with pytest.raises(ProjectError, match="never leave warm-up"):
-        train.main(flags(["--stage", "prior", "--resume", str(run_dir), "--prior_epochs", "1", "--prior_lr_schedule",
-                          "cosine", "--prior_warmup_steps", "2", "--prior_batch_size", "4", "--device", "cpu"]))
+    train_main("--stage", "prior", "--resume", run_dir, "--prior_epochs", "1", "--prior_lr_schedule", "cosine",
+               "--prior_warmup_steps", "2", "--prior_batch_size", "4", "--device", "cpu")  # 2 steps: 1 of warm-up
+    assert "--prior_warmup_steps 2 is not shorter than the prior's run (2 steps): warming up over 1 step" in \
+        (run_dir / "log.txt").read_text()
+    shutil.rmtree(run_dir), shutil.copytree(vq_run, run_dir)
     train_main("--stage", "prior", "--resume", run_dir, "--prior_epochs", "1")
     assert load(run_dir / "prior_last.pt")["optimizer"]["param_groups"][0]["lr"] == 2e-3

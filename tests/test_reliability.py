@@ -102,14 +102,6 @@ def test_resume_refuses_other_flags_and_extends_epochs(tiny_data, tmp_path):
         assert_clean_error(run("train.py", "--resume", run_dir / "best.pt", cwd=tmp_path), "resume the run folder")
 
 
-def test_a_cosine_run_is_not_extended(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    flags = ["--lr_schedule", "cosine", "--warmup_steps", "1"]
-    assert run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", run_dir, cwd=tmp_path).returncode == 0
-    assert_clean_error(run("train.py", "--resume", run_dir, "--epochs", "5", cwd=tmp_path),
-                       "cannot extend", "cosine schedule was laid out over 2 epochs")
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # 8 train slices in batches of 4: steps 1-2 are epoch 1; step 3 (epoch 2, step 1) leaves NaN

@@ -1,6 +1,7 @@
 """train.py and predict.py end to end through their command lines, as a user runs them."""
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -281,12 +282,20 @@ def test_seed_configuration_is_one_command_away():
 
 def test_learning_rate_schedules():
     args = run_config("--lr_schedule", "constant").train
-    assert all(stage.lr_at(k, args, 200) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
+    assert all(stage.lr_at(k, args, [200]) == 1e-3 for k in (0, 100, 199))  # the seed's constant rate
     args = run_config("--lr_schedule", "cosine", "--warmup_steps", "10").train
-    lrs = [stage.lr_at(k, args, 200) for k in range(200)]
+    lrs = [stage.lr_at(k, args, [200]) for k in range(200)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then only down
     assert lrs[104] == pytest.approx(5e-4, rel=0.02) and lrs[-1] < 1e-6
+    # An extended run: its second leg (steps 200-299) is a schedule of its own, warm-up included.
+    legs = [stage.lr_at(k, args, [200, 300]) for k in range(300)]
+    assert legs[:200] == lrs and legs[200] == pytest.approx(1e-4) and legs[209] == pytest.approx(1e-3)
+    assert legs[254] == pytest.approx(5e-4, rel=0.05) and legs[-1] < 1e-6
+    # A run no longer than the warm-up warms up over a tenth of it (at least one step).
+    short = [stage.lr_at(k, args, [10]) for k in range(3)]
+    assert short == [1e-3, 1e-3, pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 9)))]
+    assert stage.warmup_steps(10, 100) == 10 and stage.warmup_steps(10, 10) == 1 and stage.warmup_steps(10, 3) == 1
 
 
 def test_every_study_configuration_is_a_valid_train_command():

@@ -6,7 +6,8 @@ Put this folder on PYTHONPATH and set VQVAE_INJECT:
                    N-th call on;
   signal_at_step=N:SIG  right after the N-th optimizer step (Adam or AdamW; the adversarial decoder's
                    two optimizers step twice per training step) the process sends itself signal SIG
-                   (TERM, INT or USR1), as SLURM, Kubernetes or Ctrl-C would.
+                   (TERM, INT, USR1 or KILL), as SLURM, Kubernetes or Ctrl-C would;
+                   signal_at_step=N:SIG:R the same in torchrun's rank R only.
 """
 import os
 
@@ -41,13 +42,14 @@ if _spec:
     elif _kind == "signal_at_step":
         import signal
 
-        _at, _sig = _n.split(":")
+        _at, _sig, *_rank = _n.split(":")
+        _mine = not _rank or os.environ.get("RANK", "0") == _rank[0]
 
         def _signalling(orig):
             def step(self, *args, **kwargs):
                 out = orig(self, *args, **kwargs)
                 _calls["n"] += 1
-                if _calls["n"] == int(_at):
+                if _calls["n"] == int(_at) and _mine:
                     os.kill(os.getpid(), getattr(signal, f"SIG{_sig}"))
                 return out
             return step
