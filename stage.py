@@ -24,7 +24,7 @@ from dataset import load_split, place, recorded_data_dir
 from files import fingerprint, load_checkpoint, new_run_dir, save_checkpoint, write_csv, write_json
 from metrics import encode_split
 from runs import load_vqvae
-from stopping import Stopped, stop_message, stop_signal
+from stopping import Stopped, finished, stop_message, stop_signal
 from utils import ProjectError, configure_backends, pick_device, seed_everything, set_rng_state
 
 STAGE_NAMES = {"prior": "prior", "decoder_gan": "adversarial decoder"}  # by checkpoint kind
@@ -328,6 +328,9 @@ class Pause:
         if self.main_rank:
             save_checkpoint(self.files.last, self.checkpoint(partial))
         if signum:
+            if self.world_size > 1:  # no rank ends before rank 0 has saved: torchrun stops the rest at the first exit
+                dist.barrier(group=self.group)
+            finished()  # the stop is saved: torchrun's own SIGTERM to the ranks changes nothing now
             message = stop_message(signum, f"{self.what} at epoch {epoch}, step {done} of {n_steps}")
             self.files.log(message, echo=False)  # the terminal gets it once, from run_main
             raise Stopped(message if self.main_rank else "", signum)
