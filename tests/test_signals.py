@@ -6,6 +6,7 @@ import csv
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def test_random_stops_always_resume_to_the_same_run(reference, tiny_data, tmp_pa
     step) a finished run; resumed until done (started again when it stopped before any checkpoint), it
     equals the uninterrupted run."""
     rng = random.Random(os.environ.get("VQVAE_SIGNAL_SEED", 0))
+    outcomes = []  # each stop's line (or "finished"), printed for pytest -s
     for k in range(int(os.environ.get("VQVAE_SIGNAL_LOOP", 2))):
         run_dir, sig = tmp_path / f"run{k}", rng.choice(["TERM", "INT", "USR1"])
         proc = start("--data_dir", tiny_data, *PIPELINE, "--out_dir", run_dir, cwd=tmp_path)
@@ -109,10 +111,12 @@ def test_random_stops_always_resume_to_the_same_run(reference, tiny_data, tmp_pa
         assert "Traceback" not in stderr
         if proc.returncode == 0:  # it had finished
             assert "done: best prior validation NLL" in stdout
+            outcomes.append(f"SIG{sig}: finished")
         else:
             assert proc.returncode == 128 + getattr(signal, f"SIG{sig}"), stderr
             line, = stop_line(stderr)
             assert line.startswith("stopped") and f"by SIG{sig}; " in line, line
+            outcomes.append(f"exit {proc.returncode}: {line}")
             if "start again" in line:  # before the run folder was made: nothing was written
                 assert not run_dir.exists()
                 assert run("train.py", "--data_dir", tiny_data, *PIPELINE, "--out_dir", run_dir,
@@ -120,6 +124,8 @@ def test_random_stops_always_resume_to_the_same_run(reference, tiny_data, tmp_pa
             else:
                 assert run("train.py", "--resume", run_dir, cwd=tmp_path).returncode == 0
         same_run(reference, run_dir)
+        shutil.rmtree(run_dir)
+    print("\n".join(["", *outcomes, f"{len(outcomes)} of {len(outcomes)} resumed to the uninterrupted run"]))
 
 
 def test_one_process_per_run_folder(tiny_data, tmp_path):
