@@ -211,18 +211,23 @@ def restore(ckpt, device, what, fix, **parts):
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step, args, legs):
-    """Learning rate for optimizer step `step` (0-based): constant as in the seed, or per leg of the
-    schedule (legs: the step at which each ends; one leg unless the run was extended) a linear warm-up
-    over --warmup_steps (a tenth of the leg when that is not shorter) then cosine decay to 0 at its end."""
+    """Learning rate for optimizer step `step` (0-based): constant as in the seed, or a linear warm-up
+    over --warmup_steps (a tenth of the run when that is not shorter) then cosine decay to 0 at the
+    end of the run. legs: the step at which each leg of the schedule ends: one leg, unless the run was
+    extended on resume; a later leg follows the cosine laid over the run up to its own end (the rate a
+    run planned that long would have had), reached by a warm-up of its own from the decayed rate."""
     if args.lr_schedule == "constant":
         return args.lr
-    start = max([0] + [end for end in legs if end <= step])
-    end = next((end for end in legs if end > step), legs[-1])
-    warmup = warmup_steps(args.warmup_steps, end - start)
-    if step - start < warmup:
-        return args.lr * (step - start + 1) / warmup
-    progress = (step - start - warmup) / max(1, end - start - warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    end = next((e for e in legs if e > step), legs[-1])
+    start = max([0] + [e for e in legs if e <= step and e < end])  # the leg's first step
+    warmup = warmup_steps(args.warmup_steps, legs[0])  # the run's own: where its cosine starts
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, end - warmup)
+    rate = args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if start:  # an extension: Adam has been taking tiny steps, so the rate rises to the cosine's again
+        rate *= min(1.0, (step - start + 1) / warmup_steps(args.warmup_steps, end - start))
+    return rate
 
 
 def warmup_steps(flag, leg_steps):
@@ -247,9 +252,10 @@ def schedule_lines(args, legs, steps_per_epoch, start_epoch, flag, what):
         leg_steps = steps[-1] - (steps[-2] if len(legs) > 1 else 0)
         warmup = warmup_steps(args.warmup_steps, leg_steps)
         if len(legs) > 1 and start_epoch == first:
-            lines.append(f"epochs {first}-{legs[-1]} of {what} are a new leg of its cosine schedule (its last leg "
-                         f"had decayed): warm-up over {warmup} steps to {args.lr:g}, then decay to 0 at epoch "
-                         f"{legs[-1]}")
+            peak = lr_at(steps[-2] + warmup - 1, args, steps)
+            lines.append(f"epochs {first}-{legs[-1]} of {what} are a new leg of its cosine schedule, which had "
+                         f"decayed: the rate rises over {warmup} step{'' if warmup == 1 else 's'} to {peak:.2g} (a "
+                         f"{legs[-1]}-epoch run's at epoch {first}), then decays to 0 at epoch {legs[-1]}")
         if warmup != args.warmup_steps and start_epoch <= legs[-1]:
             lines.append(f"{flag} {args.warmup_steps} is not shorter than {what}"
                          + ("'s new leg" if len(legs) > 1 else "") + f" ({leg_steps} steps): warming up over "

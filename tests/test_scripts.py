@@ -288,10 +288,12 @@ def test_learning_rate_schedules():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then only down
     assert lrs[104] == pytest.approx(5e-4, rel=0.02) and lrs[-1] < 1e-6
-    # An extended run: its second leg (steps 200-299) is a schedule of its own, warm-up included.
+    # A run extended to 300 steps: as planned to its first end, then the cosine laid over 300 steps,
+    # reached from the decayed rate by a warm-up of its own.
     legs = [stage.lr_at(k, args, [200, 300]) for k in range(300)]
-    assert legs[:200] == lrs and legs[200] == pytest.approx(1e-4) and legs[209] == pytest.approx(1e-3)
-    assert legs[254] == pytest.approx(5e-4, rel=0.05) and legs[-1] < 1e-6
+    planned = [stage.lr_at(k, args, [300]) for k in range(300)]
+    assert legs[:200] == lrs and legs[209:] == planned[209:] and legs[-1] < 1e-6
+    assert legs[200] == pytest.approx(planned[200] / 10) and legs[204] == pytest.approx(planned[204] / 2)
     # A run no longer than the warm-up warms up over a tenth of it (at least one step).
     short = [stage.lr_at(k, args, [10]) for k in range(3)]
     assert short == [1e-3, 1e-3, pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 9)))]
