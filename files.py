@@ -115,6 +115,14 @@ def write_nifti_gz(path, img):
     atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=1)))  # level 1 as nibabel writes .nii.gz: 2x faster, a few % larger
 
 
+def make_dir(path):
+    """mkdir -p for an output folder: one that cannot be made (a full disk, no permission) is one line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ProjectError(f"cannot create {path}: {e.strerror}; free space or pick another --out_dir") from None
+
+
 def write_csv(path, header, rows):
     """Rewrite a whole CSV atomically: floats with 6 significant digits."""
     lines = [",".join(header)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r)

@@ -25,6 +25,8 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from utils import ProjectError
+
 SPLIT_DIRS = ("keras_slices_train", "keras_slices_validate", "keras_slices_test")
 # Phantom patients per split and slices per patient: 320 / 60 / 60 slices, sized so the default
 # 20-epoch run of the seed model takes minutes on a 2-core CPU.
@@ -184,13 +186,17 @@ def generate(out_dir, seed=0, patients=PATIENTS, slices_per_patient=SLICES_PER_P
     marker = out_dir / f".complete_v{VERSION}"
     if marker.exists():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # One writer at a time (torchrun's processes, or two runs started together): the others wait, then
-    # find the set complete, instead of replacing the folder one of them is already reading.
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            _write(out_dir, marker, seed, patients, slices_per_patient)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # One writer at a time (torchrun's processes, or two runs started together): the others wait, then
+        # find the set complete, instead of replacing the folder one of them is already reading.
+        with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not marker.exists():
+                _write(out_dir, marker, seed, patients, slices_per_patient)
+    except OSError as e:  # a full disk, a read-only folder: one line, and no half-written set left behind
+        raise ProjectError(f"could not write the phantom data set to {out_dir}: {e.strerror or e}; free space "
+                           f"(it takes about 15 MB) or pass --data_dir") from None
     return out_dir
 
 
@@ -210,13 +216,17 @@ def _write(out_dir, marker, seed, patients, slices_per_patient):
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     case = 0
-    for split in SPLIT_DIRS:
-        (tmp / split).mkdir(parents=True)
-        for _ in range(patients[split]):
-            case += 1
-            for name, img in _case_slices(seed, case, slices_per_patient):
-                nib.save(nib.Nifti1Image(img, _affine()), tmp / split / name)
-    (tmp / marker.name).touch()
+    try:
+        for split in SPLIT_DIRS:
+            (tmp / split).mkdir(parents=True)
+            for _ in range(patients[split]):
+                case += 1
+                for name, img in _case_slices(seed, case, slices_per_patient):
+                    nib.save(nib.Nifti1Image(img, _affine()), tmp / split / name)
+        (tmp / marker.name).touch()
+    except BaseException:  # a full disk or Ctrl-C: the partial set would only take space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 

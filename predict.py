@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dataset import load_split, place, quiet, resolve_data_dir, shown, stem, volume_layout, volumes_of
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
-from files import load_checkpoint, write_csv, write_json, write_nifti_gz
+from files import load_checkpoint, make_dir, write_csv, write_json, write_nifti_gz
 from metrics import (against_test, codebook_stats, evaluate, evaluate_decoder, inception, max_ssim_to,
                      measure_positions, neighbour_ssim, prior_nll_bits)
 from prior import PriorConfig, conditions
@@ -205,7 +205,7 @@ def generate_volumes(prior, model, args, generator, device, decoder=None):
 def write_volumes(out_dir, volumes, affine, header):
     """volumes (V, P, 1, H, W) -> volumes/volume_NNN.nii.gz, each (H, W, P) float32: the slices stacked
     along the third axis of the training slices' affine, so the stack has their spacing."""
-    (out_dir / "volumes").mkdir(exist_ok=True)
+    make_dir(out_dir / "volumes")
     for i, vol in enumerate(volumes):
         data = vol[:, 0].permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, P)
         img = nib.Nifti1Image(data, affine, None if header is None else header.copy())
@@ -260,7 +260,7 @@ def sample(args, model, prior, gan, test_set, device, precision):
 def write_samples(out_dir, draws, args, affine, header):
     """samples/sample_NNN.nii.gz, one per sample on the training slices' grid, and samples_grid.png."""
     samples = draws["samples"]
-    (out_dir / "samples").mkdir(exist_ok=True)
+    make_dir(out_dir / "samples")
     for i, x in enumerate(samples):
         img = nib.Nifti1Image(x[0].numpy().astype(np.float32), affine, header)
         img.header.set_data_dtype(np.float32)
@@ -388,10 +388,7 @@ def main(args):
     data_dir = resolve_data_dir(args.data_dir) if args.data_dir else run.data_dir()
     test_set = load_split(data_dir, args.split, image_size)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / "predict"
-    try:
-        (out_dir / "recon").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ProjectError(f"cannot create {out_dir}: {e.strerror}; pick another --out_dir") from None
+    make_dir(out_dir / "recon")
 
     # ---- reconstruct and score
     res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True, precision=precision)
