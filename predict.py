@@ -24,7 +24,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import nibabel as nib
+import stopping
+
+if __name__ == "__main__":  # before torch loads (seconds), so that a stop then is one line too
+    stopping.catch_signals()
+
+import nibabel as nib  # noqa: E402
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -45,8 +45,9 @@ def open_log(path):
         try:
             print(msg, file=log_file, flush=True)
         except OSError as e:  # a full disk: the lines already in log.txt stay, and the run says so in one line
-            raise ProjectError(f"could not write {path}: {e.strerror}; free space and resume the run, or pick "
-                               f"another --out_dir") from None
+            then = ("free space and resume the run" if (Path(path).parent / "last.pt").is_file() else
+                    "free space and start again with another --out_dir")
+            raise ProjectError(f"could not write {path}: {e.strerror}; {then}") from None
     return log
 
 

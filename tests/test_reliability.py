@@ -267,7 +267,6 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--image_size", "30", "16"], "positive multiple of 4"),
     (["--image_size", "8", "8", "--num_downsampling_layers", "1"], "at least 11 pixels"),
     (["--restart_after", "-1"], "--restart_after must be >= 0"),
-    (["--lr_schedule", "cosine", "--warmup_steps", "4"], "would never leave warm-up"),
     # Prior flags are checked before the VQ-VAE stage starts, not after it has run.
     (["--prior_num_heads", "3"], "multiple of num_heads"),
     (["--prior_arch", "pixelcnn", "--prior_kernel_size", "4"], "must be odd"),

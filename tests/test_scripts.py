@@ -27,7 +27,7 @@ def assert_clean_error(proc, *words):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     # Besides the progress bars (tqdm writes them to stderr), exactly one line.
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"(prior )?epoch \d+/\d+:", l)]
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"((prior|gan) )?epoch \d+/\d+:", l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
