@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,13 @@ def lock_run(run_dir):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        for _ in range(100):  # the holder names itself right after it locks: wait up to a second for that
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.01)
         os.close(fd)
+        holder = holder or "another process"
         raise ProjectError(f"run folder {run_dir} is in use by {holder}; wait for it to end, or stop it (it saves "
                            f"and stops on SIGTERM or Ctrl-C) and resume it, or pick another --out_dir") from None
     except OSError:  # no flock on this file system (some network ones): the run goes on unlocked
