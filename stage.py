@@ -314,7 +314,7 @@ class StageFiles:
 
 class Pause:
     """The moments between two training steps at which a stage saves where it is inside an epoch: every
-    --save_every_steps steps (`every`; 0: never) and, once a stop signal came (utils.deferred_signals),
+    --save_every_steps steps (`every`; 0: never) and, once a stop signal came (stopping.deferred_signals),
     at the end of the step under way, after which the stage stops (Stopped: one line, 128 + the
     signal). What is saved is the stage's last checkpoint, made by checkpoint(partial), whose "partial"
     entry is partial = {"epoch", "step": steps done in it, the epoch's batch "order", and what the stage
