@@ -4,6 +4,7 @@ best.pt, its codes and the prior over them do not change. Writes gan_config.json
 gan_epoch_NNN_comparison.png, decoder_gan_last.pt (every epoch, to resume) and at the end
 decoder_gan.pt. Holds the discriminator and the stage; started by train.py --gan_epochs N."""
 import copy
+import math
 import time
 from functools import partial
 
@@ -24,7 +25,8 @@ from stopping import deferred_signals
 from utils import ProjectError, autocast_for
 
 GAN_METRICS = ["epoch", "train_recon_loss", "train_disc_loss", "adaptive_weight", "logits_real", "logits_fake",
-               "val_recon_loss", "val_ssim", "val_psnr", "seconds"]
+               "val_recon_loss", "val_ssim", "val_body_ssim", "val_psnr", "seconds"]
+BODY_COLUMN = GAN_METRICS.index("val_body_ssim")  # rows of runs from before it get NaN there on resume
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 
 
@@ -124,7 +126,8 @@ def train_gan(run, run_dir, typed=None):
         start_epoch, _, history = restore(frozen.ckpt, device, f"the adversarial decoder from {files.last}",
                                           f"delete {run_dir}/decoder_gan*.pt to train a new one", model=decoder,
                                           optimizer=opt_g, disc=disc, disc_optimizer=opt_d)
-        rows = history["rows"]
+        rows = [r if len(r) == len(GAN_METRICS) else [*r[:BODY_COLUMN], math.nan, *r[BODY_COLUMN:]]
+                for r in history["rows"]]
         inside = frozen.ckpt.get("partial")
         log(f"resumed the adversarial decoder in {run_dir} " + (f"at epoch {inside['epoch']}, step {inside['step']}"
                                                                 if inside else f"after epoch {start_epoch - 1}"))
@@ -149,8 +152,8 @@ def train_gan(run, run_dir, typed=None):
                            frozen.ckpt, pause)
             files.check_finite(tr, "an adversarial decoder training loss", epoch)
             val = evaluate_on(decoder, codes["validate"], images["validate"])
-            rows.append([epoch, *tr, val["recon_loss"], val["ssim"].mean().item(), val["psnr"].mean().item(),
-                         time.time() - t0])
+            rows.append([epoch, *tr, val["recon_loss"], val["ssim"].mean().item(), val["body_ssim"].nanmean().item(),
+                         val["psnr"].mean().item(), time.time() - t0])
             res = evaluate_on(decoder, codes["validate"][fixed], images["validate"][fixed], keep=True)
             save_gan_comparison(run_dir / f"gan_epoch_{epoch:03d}_comparison.png", epoch,
                                 images["validate"][fixed].float().cpu(), ref_fixed, res)
@@ -170,7 +173,7 @@ def log_reference(evaluate_on, vqvae, codes, images, fixed, vq_path, log):
     images (N, 1, H, W) in [0, 1] -> its results on the comparison slices `fixed` (keep=True)."""
     ref = evaluate_on(vqvae.decoder, codes, images)
     log(f"MSE decoder ({vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
-        f"PSNR {ref['psnr'].mean():.2f}")
+        f"(body {ref['body_ssim'].nanmean():.4f}) PSNR {ref['psnr'].mean():.2f}")
     return evaluate_on(vqvae.decoder, codes[fixed], images[fixed], keep=True)
 
 
@@ -178,7 +181,8 @@ def gan_line(row):
     """One epoch's log line from its metrics row {GAN_METRICS name: value}."""
     return (f"gan epoch {row['epoch']:3d} | recon {row['train_recon_loss']:.4f} | disc {row['train_disc_loss']:.4f} "
             f"(logits real {row['logits_real']:+.2f} decoded {row['logits_fake']:+.2f}) | adaptive weight "
-            f"{row['adaptive_weight']:.3g} | val MSE {row['val_recon_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR "
+            f"{row['adaptive_weight']:.3g} | val MSE {row['val_recon_loss']:.4f} SSIM {row['val_ssim']:.4f} (body "
+            f"{row['val_body_ssim']:.4f}) PSNR "
             f"{row['val_psnr']:.2f} | {row['seconds']:.0f}s")
 
 

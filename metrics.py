@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_closing, binary_fill_holes, gaussian_filter
 
 from dataset import slice_position
 from quantizer import code_counts
@@ -47,12 +47,16 @@ def _gaussian_filter(img):
     return _band(img.shape[-2], img.device, img.dtype) @ img @ _band(img.shape[-1], img.device, img.dtype).t()
 
 
-def _ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy):
-    """Local means and second moments (filtered x, y, x*x, y*y, x*y) -> SSIM per image (N,)."""
+def _ssim_map(mu_x, mu_y, e_xx, e_yy, e_xy):
+    """Local means and second moments (filtered x, y, x*x, y*y, x*y) -> the SSIM map (N, 1, H-10, W-10)."""
     var_x, var_y, cov = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
     c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+
+
+def _ssim_from_moments(*moments):
+    """Local means and second moments -> SSIM per image (N,): the mean of the map."""
+    return _ssim_map(*moments).flatten(1).mean(1)
 
 
 def check_image_size(image_size, what="--image_size"):
@@ -80,6 +84,58 @@ def ssim(x, y):
         x, y = x.float(), y.float()
         stats = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))  # all five local moments at once
         return _ssim_from_moments(*stats.split(x.shape[0]))
+
+
+# The body: pixels above this fraction of their slice's maximum, closed (BODY_CLOSING px each way bridges
+# dark gaps inside the anatomy) and with the holes filled (dark organs, the bladder's urine).
+BODY_FRACTION = 0.05
+BODY_CLOSING = 2
+
+
+def body_mask(images):
+    """Where the body is, from the real slices alone: (N, 1, H, W) in [0, 1] -> bool (N, 1, H, W) on the CPU.
+
+    A pixel is body if it is above BODY_FRACTION of its slice's maximum, after a binary closing by a
+    (2 * BODY_CLOSING + 1)-pixel square (the slice edge-padded first, so anatomy cut by the border is
+    not eroded) and filling the holes; an all-black slice has no body."""
+    x = images.detach().float().cpu().numpy()[:, 0]
+    r = BODY_CLOSING
+    out = np.zeros(x.shape, dtype=bool)
+    for i, s in enumerate(x):
+        m = np.pad(s > BODY_FRACTION * s.max(), r, mode="edge") if s.max() > 0 else None
+        if m is not None:
+            out[i] = binary_fill_holes(binary_closing(m, np.ones((2 * r + 1, 2 * r + 1)))[r:-r, r:-r])
+    return torch.from_numpy(out)[:, None]
+
+
+def scores(recon, real, mask):
+    """The figures of a batch of reconstructions, all per slice (B,): `ssim` of the whole slice (the
+    project's SSIM), `body_ssim` (the mean of the same SSIM map over the body mask's pixels, where
+    the window fits: skimage's full map averaged over the mask after cropping its 5-pixel border; NaN
+    for a slice with no body there), `psnr`, and the air counts: `zeros` (real pixels exactly 0),
+    `zeros_kept` (of them, reconstructed exactly 0), `bright` (real pixels above BODY_FRACTION of their
+    slice's maximum) and `bright_lost` (of them, reconstructed exactly 0).
+    recon, real: (B, 1, H, W) in [0, 1]; mask: bool (B, 1, H, W), body_mask(real), on their device."""
+    with torch.autocast(recon.device.type, enabled=False):
+        x, y = recon.float(), real.float()
+        smap = _ssim_map(*_gaussian_filter(torch.cat([x, y, x * x, y * y, x * y])).split(x.shape[0]))
+    k = SSIM_MIN_SIZE // 2
+    m = mask[..., k:-k, k:-k].float()  # the pixels at the map's centres
+    zero_in, zero_out = y == 0, x == 0
+    bright = y > BODY_FRACTION * y.flatten(1).amax(1)[:, None, None, None]
+    count = lambda t: t.flatten(1).sum(1).float()
+    return {"ssim": smap.flatten(1).mean(1), "body_ssim": count(smap * m) / count(m),  # 0 / 0: NaN
+            "psnr": psnr(x, y), "zeros": count(zero_in), "zeros_kept": count(zero_in & zero_out),
+            "bright": count(bright), "bright_lost": count(bright & zero_out)}
+
+
+def air_summary(res):
+    """evaluate's summed air counts -> {zero_pixels: share of the real pixels that are exactly 0,
+    zeros_kept: share of those reconstructed exactly 0, bright_lost: share of the pixels above
+    BODY_FRACTION of their slice's maximum reconstructed as 0}."""
+    pixels = res["pixels"]
+    return {"zero_pixels": res["zeros"] / pixels, "zeros_kept": res["zeros_kept"] / max(res["zeros"], 1),
+            "bright_lost": res["bright_lost"] / max(res["bright"], 1)}
 
 
 def blur_ssim_curve(images, sigmas=(0.5, 1, 2)):
@@ -111,22 +167,38 @@ def codebook_stats(counts):
     return (counts > 0).float().mean().item(), perplexity
 
 
+def _collect(parts, n_pixels):
+    """Per-batch `scores` -> per-slice tensors on the CPU (ssim, body_ssim, psnr) and the air counts
+    summed over the split (floats), in one host sync."""
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    res = {k: cat[k].cpu() if k in cat else torch.zeros(0) for k in ("ssim", "body_ssim", "psnr")}
+    for k in AIR_COUNTS:
+        res[k] = cat[k].sum().item() if cat else 0.0
+    res["pixels"] = float(n_pixels)
+    return res
+
+
+AIR_COUNTS = ("zeros", "zeros_kept", "bright", "bright_lost")
+
+
 @torch.no_grad()
 def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
     """Reconstruct a split in order, in eval mode, batched on the device with one host sync at the end.
 
     images: (N, 1, H, W) in [0, 1] (float16, on the device or the host); precision: of the forward
     pass, as --precision (metrics are fp32 always). Returns a dict: loss, recon_loss, vq_loss (means over
-    slices), ssim and psnr (per slice, (N,) tensors), counts (K,) code use, and with keep=True recons
-    (N, 1, H, W) in [0, 1] and indices (N, h, w); all on the CPU.
+    slices), ssim, body_ssim and psnr (per slice, (N,) tensors; see `scores`), the air counts summed
+    (see air_summary), counts (K,) code use, and with keep=True recons (N, 1, H, W) in [0, 1] and
+    indices (N, h, w); all on the CPU.
     """
     was_training = model.training
     model.eval()
     K = model.cfg.num_embeddings
     sums = torch.zeros(2, device=device)  # recon_loss, vq_loss summed over slices
     counts = torch.zeros(K, dtype=torch.long, device=device)
-    ssims, psnrs, recons, indices = [], [], [], []
-    for batch in images.split(batch_size):
+    parts, recons, indices = [], [], []
+    masks = body_mask(images)
+    for batch, mask in zip(images.split(batch_size), masks.split(batch_size)):
         x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
         with autocast_for(device, precision):
             out = model(x)
@@ -134,15 +206,14 @@ def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
         sums += torch.stack([F.mse_loss(out["x_recon"].float(), x), out["vq_loss"].float()]) * b
         counts += code_counts(out["indices"], K)
         r, t = to_unit(out["x_recon"]), to_unit(x)
-        ssims.append(ssim(r, t))
-        psnrs.append(psnr(r, t))
+        parts.append(scores(r, t, mask.to(device, non_blocking=True)))
         if keep:
             recons.append(r)
             indices.append(out["indices"])
     model.train(was_training)
     recon_loss, vq_loss = (sums / max(len(images), 1)).tolist()
     res = {"recon_loss": recon_loss, "vq_loss": vq_loss, "loss": recon_loss + vq_loss,
-           "ssim": torch.cat(ssims).cpu(), "psnr": torch.cat(psnrs).cpu(), "counts": counts.cpu()}
+           **_collect(parts, images[:, 0].numel()), "counts": counts.cpu()}
     if keep:
         res["recons"], res["indices"] = torch.cat(recons).cpu(), torch.cat(indices).cpu()
     return res
@@ -151,24 +222,24 @@ def evaluate(model, images, device, batch_size, keep=False, precision="fp32"):
 @torch.no_grad()
 def evaluate_decoder(decoder, codes, images, vqvae, device, batch_size, precision="fp32", keep=False):
     """A decoder on a split's code maps (N, h, w) against its slices (N, 1, H, W) in [0, 1], in eval mode
-    -> dict: recon_loss (MSE in the model's range [-1, 1], as evaluate's), ssim and psnr per slice ((N,)
-    on the CPU: the project's SSIM), and with keep=True recons (N, 1, H, W) in [0, 1] on the CPU."""
+    -> dict: recon_loss (MSE in the model's range [-1, 1], as evaluate's), ssim, body_ssim and psnr per
+    slice ((N,) on the CPU) and the air counts, as evaluate's, and with keep=True recons (N, 1, H, W) in
+    [0, 1] on the CPU."""
     was_training = decoder.training
     decoder.eval()
-    total, ssims, psnrs, recons = torch.zeros((), device=device), [], [], []
-    for c, batch in zip(codes.split(batch_size), images.split(batch_size)):
+    total, parts, recons = torch.zeros((), device=device), [], []
+    masks = body_mask(images)
+    for c, batch, mask in zip(codes.split(batch_size), images.split(batch_size), masks.split(batch_size)):
         x = to_model(batch.to(device, non_blocking=True))  # (B, 1, H, W) in [-1, 1]
         with autocast_for(device, precision):
             r = decoder(vqvae.vq.embed(c.to(device)))  # (B, 1, H, W)
         total += F.mse_loss(r.float(), x) * len(x)
         r, t = to_unit(r), to_unit(x)
-        ssims.append(ssim(r, t))
-        psnrs.append(psnr(r, t))
+        parts.append(scores(r, t, mask.to(device, non_blocking=True)))
         if keep:
             recons.append(r.cpu())
     decoder.train(was_training)
-    res = {"recon_loss": total.item() / max(len(codes), 1), "ssim": torch.cat(ssims).cpu(),
-           "psnr": torch.cat(psnrs).cpu()}
+    res = {"recon_loss": total.item() / max(len(codes), 1), **_collect(parts, images[:, 0].numel())}
     if keep:
         res["recons"] = torch.cat(recons)
     return res

@@ -18,7 +18,7 @@ CODEBOOK_INITS = ("uniform", "kmeans")
 ARCHS = ("seed", "resnet")
 SEED_CODEBOOK = {"codebook_init": "uniform", "restart_after": 0}  # the seed's codebook, without health
 # What a checkpoint that lacks these fields was: the seed's network and lookup, and its codebook.
-SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, **SEED_CODEBOOK}
+SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, "clamp_output": False, **SEED_CODEBOOK}
 
 
 @dataclass
@@ -57,6 +57,9 @@ class VQVAEConfig:
                                  "batch's encoder outputs", choices=CODEBOOK_INITS)
     restart_after: int = setting(2, "re-seed a code unused for this many steps with a random encoder "
                                  "output; 0: never", rule=">= 0")
+    clamp_output: bool = setting(True, "clamp the decoder's output to [-1, 1] in training as in every figure and "
+                                 "metric, so air the loss pushes below -1 stays there (no gradient) and reads "
+                                 "exactly 0; --no-clamp_output: the seed's unclamped output")
 
     def __post_init__(self):
         for name in ("image_size", "channels", "blocks"):  # lists, as checkpoints and JSON hold them
@@ -215,6 +218,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         L, out_channels = cfg.num_downsampling_layers, cfg.in_channels
+        self.clamp = cfg.clamp_output
         if cfg.arch == "resnet":
             ch = cfg.channels
             self.conv = nn.Conv2d(cfg.embedding_dim, ch[-1], 3, padding=1)
@@ -244,7 +248,12 @@ class Decoder(nn.Module):
         # The last layer in fp32 even under bf16 autocast, so the reconstruction that the loss, SSIM
         # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
         with torch.autocast(z.device.type, enabled=False):
-            return self.net[-1](x.float())  # (B, C, H, W)
+            x = self.net[-1](x.float())  # (B, C, H, W)
+        # Masked slices hold exact zeros (-1 here) around the body. Unclamped, the loss pulls air to -1
+        # from both sides and it lands on either, so about half of it reads a little above 0, and SSIM,
+        # whose luminance term collapses in a flat black area, swings with that sign from step to step.
+        # Clamped, air below -1 has no gradient and stays exactly 0 (STUDIES.md, section 11).
+        return x.clamp(-1, 1) if self.clamp else x
 
 
 
@@ -280,7 +289,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, indices):
-        """indices: (B, h, w) long -> x_recon (B, C, H, W), roughly in [-1, 1]."""
+        """indices: (B, h, w) long -> x_recon (B, C, H, W) in [-1, 1] (roughly, without clamp_output)."""
         return self.decoder(self.vq.embed(indices))
 
 

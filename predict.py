@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from dataset import load_split, place, quiet, resolve_data_dir, shown, stem, volume_layout, volumes_of
 from figures import save_code_histogram, save_comparison, save_image_grid, save_orthogonal_cuts
 from files import load_checkpoint, make_dir, write_csv, write_json, write_nifti_gz
-from metrics import (against_test, codebook_stats, evaluate, evaluate_decoder, inception, max_ssim_to,
-                     measure_positions, neighbour_ssim, prior_nll_bits)
+from metrics import (BODY_CLOSING, BODY_FRACTION, against_test, air_summary, codebook_stats, evaluate,
+                     evaluate_decoder, inception, max_ssim_to, measure_positions, neighbour_ssim, prior_nll_bits)
 from prior import PriorConfig, conditions
 from quantizer import code_counts
 from runs import fits, load_gan_decoder, load_prior, open_prior, open_run
@@ -335,6 +335,7 @@ def score(args, run, prior, gan, draws, train_set, test_set, test_res, out_dir, 
                prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
     if gan:
         gen["adversarial_reconstructions"] = {"ssim_mean": adversarial["ssim"].mean().item(),
+                                              "body_ssim_mean": adversarial["body_ssim"].nanmean().item(),
                                               "psnr_mean": adversarial["psnr"].mean().item()}
     if draws["placed"]:  # judged against the test split's volumes (patients the prior never saw)
         test_position, test_previous = volume_layout(test_set.files)
@@ -398,13 +399,19 @@ def main(args):
     # ---- reconstruct and score
     res = evaluate(model, place(test_set, device), device, args.batch_size, keep=True, precision=precision)
     usage, perplexity = codebook_stats(res["counts"])
-    s, p = res["ssim"], res["psnr"]
+    s, b, p = res["ssim"], res["body_ssim"], res["psnr"]
+    body = b[~b.isnan()]  # slices with no body (all black) have no body SSIM
     metrics = {"n": len(s), "ssim_mean": s.mean().item(), "ssim_std": s.std(unbiased=False).item(),
-               "ssim_min": s.min().item(), "ssim_max": s.max().item(), "psnr_mean": p.mean().item(),
+               "ssim_min": s.min().item(), "ssim_max": s.max().item(),
+               "body_ssim_mean": body.mean().item(), "body_ssim_std": body.std(unbiased=False).item(),
+               "body_n": len(body), "psnr_mean": p.mean().item(), "air": air_summary(res),
                "codebook_usage": usage, "perplexity": perplexity, "checkpoint": str(ckpt_path),
                "epoch": run.ckpt.get("epoch"), "data_dir": str(data_dir), "split": args.split,
                "image_size": list(image_size),
-               "ssim": "Gaussian SSIM (sigma 1.5, 11 taps), data range 1, images in [0, 1], mean per slice"}
+               "ssim": "Gaussian SSIM (sigma 1.5, 11 taps), data range 1, images in [0, 1], mean per slice",
+               "body_ssim": f"the same SSIM map averaged over the body only: pixels above {BODY_FRACTION:.0%} of "
+                            f"the real slice's maximum, closed by a {2 * BODY_CLOSING + 1}-pixel square, holes "
+                            f"filled; mean over the slices with a body"}
 
     # ---- generate, when the run has a prior
     if found:
@@ -412,8 +419,8 @@ def main(args):
 
     # ---- save
     write_json(out_dir / "metrics.json", metrics)
-    write_csv(out_dir / "per_slice.csv", ["file", "ssim", "psnr"],
-              [[shown(f.name), si, pi] for f, si, pi in zip(test_set.files, s.tolist(), p.tolist())])
+    write_csv(out_dir / "per_slice.csv", ["file", "ssim", "body_ssim", "psnr"],
+              [[shown(f.name), *v] for f, *v in zip(test_set.files, s.tolist(), b.tolist(), p.tolist())])
     for i, file in enumerate(test_set.files):
         save_recon(out_dir / "recon" / f"{stem(file)}_recon.nii.gz", res["recons"][i, 0], file,
                    test_set.shapes[i], test_set.ranges[i])
@@ -429,6 +436,11 @@ def main(args):
                         f"perplexity {perplexity:.1f})")
     print(f"{args.split} SSIM {metrics['ssim_mean']:.4f} +- {metrics['ssim_std']:.4f} "
           f"(n={metrics['n']}), PSNR {metrics['psnr_mean']:.2f} dB")
+    air = metrics["air"]
+    print(f"{args.split} SSIM in the body {metrics['body_ssim_mean']:.4f} +- {metrics['body_ssim_std']:.4f} "
+          f"(n={metrics['body_n']}); air: {air['zeros_kept']:.1%} of the {air['zero_pixels']:.0%} black pixels "
+          f"reconstructed exactly black, {air['bright_lost']:.2%} of the pixels above {BODY_FRACTION:.0%} of "
+          f"their slice's maximum reconstructed black")
     print(f"codebook: {usage:.1%} of {model.cfg.num_embeddings} codes used, perplexity {perplexity:.1f}")
     print(f"wrote {out_dir}/metrics.json, per_slice.csv, best_worst.png, code_histogram.png and recon/*.nii.gz")
     if "generation" in metrics:

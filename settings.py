@@ -73,8 +73,9 @@ def add_settings(parser, cls, prefix=""):
             continue
         shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         kw = {"help": f"{meta['help']} (default: {shown})", "default": argparse.SUPPRESS}
-        if f.type is bool:
-            parser.add_argument(f"--{prefix}{f.name}", action="store_true", **kw)
+        if f.type is bool:  # a setting on by default is turned off by --no-<name>
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(f"--{prefix}{f.name}", action=action, **kw)
         else:
             # A tuple takes as many numbers as its metavar names (image_size: H W), or one or more (per level).
             nargs = (len(meta["metavar"]) if isinstance(meta["metavar"], tuple) else "+") if f.type is tuple else None

@@ -40,9 +40,9 @@ from utils import ProjectError, run_main
 
 # Every flag spelled out, so a row means the same thing whatever the defaults become.
 AUG_OFF = ["--aug_flip", "0", "--aug_rotate", "0", "--aug_scale", "0", "--aug_shift", "0", "--aug_gamma", "0"]
-# the seed's net, loss, data and choice of best.pt
+# the seed's net, loss, output, data and choice of best.pt
 PLAIN = ["--arch", "seed", "--lookup_dim", "0", "--recon_loss", "mse", "--best_by", "mse", "--batch_size", "32",
-         *AUG_OFF]
+         "--no-clamp_output", *AUG_OFF]
 SEED = [*PLAIN, "--codebook_init", "uniform", "--restart_after", "0", "--ssim_weight", "0", "--lr_schedule", "constant"]
 # The codebook study's defaults (DEFAULTS_V1); the quality study's ladder adds one change at a time to them.
 # Batch 32 is spelled out too: the defaults' batch changed after these studies (see STUDIES.md).
@@ -79,6 +79,10 @@ CONFIGS = {  # name: (label in the table, flags); later flags win, so each row a
                                  [*L1_COSINE, "--batch_size", "8", "--best_by", "last"]),
     "lookup_pure_l1_cosine_aug_b8": ("+ 8-dim lookup + L1 loss alone + cosine LR + augmentation + batch 8 + last epoch",
                                      [*L1_COSINE, *AUG, "--batch_size", "8", "--best_by", "last"]),
+    "lookup_pure_l1_cosine_b8_clamp": ("the batch-8 long recipe + the output clamped in training",
+                                       [*L1_COSINE, "--batch_size", "8", "--best_by", "last", "--clamp_output"]),
+    "lookup_pure_l1_cosine_aug_b8_clamp": ("the batch-8 long recipe + augmentation + the output clamped in training",
+                                           [*L1_COSINE, *AUG, "--batch_size", "8", "--best_by", "last", "--clamp_output"]),
     "resnet": ("+ resnet net (GN+SiLU blocks at every level)", RESNET),
     "resnet_attn": ("+ resnet + attention", [*RESNET, "--attention"]),
     "resnet_cosine": ("+ resnet + cosine LR (20 warm-up steps)", RESNET_COSINE),

@@ -24,6 +24,7 @@ flags are made from them, and a run's checkpoint holds them (config, model_args)
 run is rebuilt.
 """
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -53,8 +54,9 @@ from utils import (ProjectError, autocast_for, configure_backends, pick_device, 
                    uses_bf16)
 
 METRICS = ["epoch", "train_loss", "train_recon_loss", "train_codebook_loss", "train_commitment_loss",
-           "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_psnr", "codebook_usage",
+           "val_loss", "val_recon_loss", "train_ssim", "val_ssim", "val_body_ssim", "val_psnr", "codebook_usage",
            "perplexity", "seconds"]
+BODY_COLUMN = METRICS.index("val_body_ssim")  # rows of runs from before it get NaN there on resume
 STOP_GROUP = {}  # under torchrun on GPUs: the CPU (gloo) process group the ranks agree on a stop signal in
 NUM_COMPARISON = 6  # validation slices shown in every epoch's comparison figure (the same each epoch)
 # The stages on a run's frozen best.pt, in the order --stage all runs them (the adversarial decoder
@@ -150,7 +152,8 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
         log(line)
 
     # ---- loop: a stop signal ends the step under way, which is saved to resume from (Pause)
-    rows, batch_losses = history["rows"], history["batch_losses"]
+    rows = [r if len(r) == len(METRICS) else [*r[:BODY_COLUMN], math.nan, *r[BODY_COLUMN:]] for r in history["rows"]]
+    batch_losses = history["batch_losses"]
     writer = Writer(background=device.type == "cuda")  # inline on the CPU: nothing to overlap with
 
     def checkpoint(partial):  # last.pt inside an epoch: after the epoch files still being written
@@ -172,7 +175,8 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
             val = evaluate(model, images["validate"], device, args.batch_size, precision=args.precision)
             files.check_finite([val["loss"]], "validation loss", epoch, validation=True)
             rows.append([epoch, *tr[:4], val["loss"], val["recon_loss"], tr[4], val["ssim"].mean().item(),
-                         val["psnr"].mean().item(), *codebook_stats(val["counts"]), time.time() - t0])
+                         val["body_ssim"].nanmean().item(), val["psnr"].mean().item(), *codebook_stats(val["counts"]),
+                         time.time() - t0])
             # ---- save (rank 0, by the writer: beside the next epoch's training on CUDA)
             # Best by validation reconstruction MSE: it measures the images the decoder makes from the
             # quantized codes, while the VQ terms are latent distances whose scale drifts in training.
@@ -269,7 +273,8 @@ def save_epoch(files, fixed, res, num_embeddings, rows, ckpt, improved, line):
     last.pt and the epoch's log line."""
     epoch = rows[-1][0]
     save_comparison(files.run_dir / f"epoch_{epoch:03d}_comparison.png", fixed.float(), res["indices"],
-                    res["recons"], f"epoch {epoch}: validation slices, SSIM {res['ssim'].mean():.4f}",
+                    res["recons"], f"epoch {epoch}: validation slices, SSIM {res['ssim'].mean():.4f} "
+                    f"(body {res['body_ssim'].nanmean():.4f})",
                     num_embeddings, [f"SSIM {s:.3f}" for s in res["ssim"]])
     files.save(rows, ckpt, improved, line)
 
@@ -292,7 +297,7 @@ def epoch_line(row, lr, improved):
     return (f"epoch {row['epoch']:3d} | loss {row['train_loss']:.4f} (recon {row['train_recon_loss']:.4f} "
             f"codebook {row['train_codebook_loss']:.4f} commit {row['train_commitment_loss']:.4f}) | "
             f"val loss {row['val_loss']:.4f} recon {row['val_recon_loss']:.4f} SSIM {row['val_ssim']:.4f} "
-            f"PSNR {row['val_psnr']:.2f} | codes used {row['codebook_usage']:.1%} perplexity "
+            f"(body {row['val_body_ssim']:.4f}) PSNR {row['val_psnr']:.2f} | codes used {row['codebook_usage']:.1%} perplexity "
             f"{row['perplexity']:.1f} | lr {lr:.2g} | {row['seconds']:.0f}s" + (" | best" if improved else ""))
 
 
@@ -302,7 +307,8 @@ def save_vqvae_curves(files, rows, batch_losses, args, num_embeddings, world_siz
                 f"training loss ({args.recon_loss.upper()} + VQ terms" + (" + SSIM term" if args.ssim_weight else "")
                 + ") per batch")
     save_curves(files.run_dir / "ssim_per_epoch.png",
-                {"train SSIM": files.column(rows, "train_ssim"), "validation SSIM": files.column(rows, "val_ssim")},
+                {"train SSIM": files.column(rows, "train_ssim"), "validation SSIM": files.column(rows, "val_ssim"),
+                 "validation SSIM in the body": files.column(rows, "val_body_ssim")},
                 "epoch", "SSIM (Gaussian, data range 1)", "SSIM per epoch")
     save_curves(files.run_dir / "codebook_usage_per_epoch.png",
                 {"validation codes used (%)": [100 * u for u in files.column(rows, "codebook_usage")]}, "epoch",
