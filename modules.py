@@ -58,8 +58,9 @@ class VQVAEConfig:
     restart_after: int = setting(2, "re-seed a code unused for this many steps with a random encoder "
                                  "output; 0: never", rule=">= 0")
     clamp_output: bool = setting(True, "clamp the decoder's output to [-1, 1] in training as in every figure and "
-                                 "metric, so air the loss pushes below -1 stays there (no gradient) and reads "
-                                 "exactly 0; --no-clamp_output: the seed's unclamped output")
+                                 "metric, so air that settles below -1 reads exactly 0 (only gradients that pull a "
+                                 "value back into range pass the clamp); --no-clamp_output: the seed's unclamped "
+                                 "output")
 
     def __post_init__(self):
         for name in ("image_size", "channels", "blocks"):  # lists, as checkpoints and JSON hold them
@@ -249,11 +250,32 @@ class Decoder(nn.Module):
         # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
         with torch.autocast(z.device.type, enabled=False):
             x = self.net[-1](x.float())  # (B, C, H, W)
-        # Masked slices hold exact zeros (-1 here) around the body. Unclamped, the loss pulls air to -1
-        # from both sides and it lands on either, so about half of it reads a little above 0, and SSIM,
-        # whose luminance term collapses in a flat black area, swings with that sign from step to step.
-        # Clamped, air below -1 has no gradient and stays exactly 0 (STUDIES.md, section 11).
-        return x.clamp(-1, 1) if self.clamp else x
+        return clamp_into_range(x) if self.clamp else x
+
+
+class ClampIntoRange(torch.autograd.Function):
+    """x.clamp(-1, 1) whose gradient still pulls a value outside [-1, 1] back in, never further out.
+
+    Masked slices hold exact zeros (-1 here) around the body. Unclamped, the loss pulls air to -1 from both
+    sides and it lands on either, so about half of it reads a little above 0 and SSIM, whose luminance term
+    collapses in a flat black area, swings with that sign from step to step. Clamped, air below -1 meets
+    its target exactly: no gradient, and it stays exactly 0. A plain clamp also stops the gradient of body
+    pixels below -1, and one early step that put the whole output below -1 left the net dead for good
+    (STUDIES.md, section 11); here their gradient passes, as it pushes them up."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # descent moves x by -grad: below -1 only a negative gradient moves it back up, above 1 a positive one
+        return grad.masked_fill(((x < -1) & (grad > 0)) | ((x > 1) & (grad < 0)), 0)
+
+
+clamp_into_range = ClampIntoRange.apply
 
 
 

@@ -1,4 +1,5 @@
-"""The project's one SSIM equals skimage's Gaussian SSIM; PSNR and codebook statistics."""
+"""The project's one SSIM equals skimage's Gaussian SSIM, over the whole slice and over the body; the
+body mask and the air counts; PSNR and codebook statistics."""
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
 import phantom
-from metrics import blur_ssim_curve, codebook_stats, psnr, ssim
+from metrics import BODY_FRACTION, air_summary, blur_ssim_curve, body_mask, codebook_stats, psnr, scores, ssim
 
 
 def skimage_ssim(a, b):
@@ -38,6 +39,66 @@ def test_ssim_matches_skimage_on_mr_like_images():
     blurred = np.clip(gaussian_filter(a, (0, 1.2, 1.2)) + rng.normal(0, 0.02, a.shape), 0, 1)
     check_against_skimage(a, blurred)
     check_against_skimage(a, np.zeros_like(a))  # a black reconstruction
+
+
+def mr_like_pair(seed=2):
+    """Three phantom slices in [0, 1] (their air exactly black), a noisy reconstruction of each with a
+    small offset in the air (as an unclamped decoder leaves it), and one all-black slice pair."""
+    rng = np.random.default_rng(seed)
+    p = phantom._patient(rng)
+    imgs = np.stack([phantom.render_slice(p, t, (256, 128), rng) for t in (-0.3, 0.0, 0.4)])
+    a = imgs / imgs.max(axis=(1, 2), keepdims=True)  # the phantom's air is exactly black, as HipMRI's
+    b = np.clip(gaussian_filter(a, (0, 1, 1)) + rng.normal(0, 0.03, a.shape) + 0.02, 0, 1)
+    return np.concatenate([a, np.zeros_like(a[:1])]), np.concatenate([b, np.zeros_like(b[:1])])
+
+
+def test_body_ssim_matches_skimage_on_the_masked_region():
+    """body_ssim is skimage's full SSIM map, cropped by its 5-pixel border, averaged over the mask."""
+    a, b = mr_like_pair()
+    real, recon = torch.from_numpy(a)[:, None].float(), torch.from_numpy(b)[:, None].float()
+    mask = body_mask(real)
+    out = scores(recon, real, mask)
+    for i in range(len(a)):
+        whole, smap = structural_similarity(b[i], a[i], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                            use_sample_covariance=False, full=True)
+        inner = mask[i, 0, 5:-5, 5:-5].numpy()
+        assert abs(out["ssim"][i].item() - whole) < 1e-4
+        if inner.any():
+            assert abs(out["body_ssim"][i].item() - smap[5:-5, 5:-5][inner].mean()) < 1e-4
+            assert 0.05 < inner.mean() < 0.95  # a real part of the slice, not all or nothing
+        else:
+            assert i == len(a) - 1 and math.isnan(out["body_ssim"][i].item())  # the black slice has no body
+    # the offset in the air costs the whole slice's SSIM, not the body's
+    assert (out["body_ssim"][:3] > out["ssim"][:3]).all()
+
+
+def test_body_mask_closes_gaps_fills_holes_and_keeps_the_border():
+    x = torch.zeros(3, 1, 40, 30)
+    x[0, 0, 5:35, 5:25] = 1.0
+    x[0, 0, 12:28, 10:20] = 0.0  # a dark organ inside the body: a hole
+    x[0, 0, 5:35, 15] = 0.0  # a one-pixel dark line across it: a gap
+    x[1, 0, :, :10] = 0.5  # anatomy cut by the border
+    x[1, 0, 20, 3] = 0.02  # below 5% of the maximum inside it: still body
+    m = body_mask(x)
+    assert m[0, 0, 5:35, 5:25].all() and not m[0, 0, :4].any() and not m[0, 0, :, 26:].any()
+    assert m[1, 0, :, :10].all() and not m[1, 0, :, 13:].any()
+    assert not m[2].any()  # all black: no body
+    assert m.dtype == torch.bool and m.shape == x.shape
+
+
+def test_air_counts():
+    real = torch.zeros(2, 1, 16, 16)
+    real[:, :, 4:12, 4:12] = 0.8
+    real[0, 0, 4, 4] = 0.01  # not black, but below BODY_FRACTION of the maximum
+    recon = real.clone()
+    recon[0, 0, 0, :8] = 0.003  # 8 black pixels a little above 0
+    recon[1, 0, 5, 5:7] = 0.0  # 2 bright pixels lost
+    out = scores(recon, real, body_mask(real))
+    res = {k: out[k].sum().item() for k in ("zeros", "zeros_kept", "bright", "bright_lost")}
+    assert res == {"zeros": 2 * 256 - 128, "zeros_kept": 2 * 256 - 128 - 8, "bright": 63 + 64, "bright_lost": 2}
+    air = air_summary({**res, "pixels": 512.0})
+    assert air == pytest.approx({"zero_pixels": 384 / 512, "zeros_kept": 376 / 384, "bright_lost": 2 / 127})
+    assert BODY_FRACTION == 0.05  # the figure the README and predict's summary name
 
 
 def test_ssim_identity_and_order():

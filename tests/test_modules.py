@@ -128,6 +128,40 @@ def test_tiny_model_overfits_one_batch(ema, tiny_data):
     assert final < 0.2 * first, (first, final)
 
 
+def test_clamped_output_keeps_air_exactly_black_and_the_body_alive():
+    """With clamp_output the decoder's output is in [-1, 1]: air the net pushed below -1 reads exactly 0 in
+    [0, 1] and gets no gradient from its exactly black target, so training leaves it there, while body
+    pixels below -1 keep the gradient that pulls them back up (a plain clamp would stop it: a net whose
+    whole output fell below -1 would never recover). The seed's output is unclamped, as are the checkpoints
+    from before the setting."""
+    from modules import clamp_into_range, reconstruction_loss
+    from utils import to_unit
+    x = -torch.ones(2, 1, 32, 16)  # all air
+    x[:, :, 8:24, 4:12] = 0.5  # and a body
+    air = x == -1
+    for clamp in (True, False):
+        model = tiny_model(clamp_output=clamp)
+        with torch.no_grad():
+            model.decoder.net[-1].bias.fill_(-4.0)  # everything far below -1
+        out = model(x)["x_recon"]
+        assert (to_unit(out) == 0).all()
+        assert (out == -1).all() if clamp else (out < -1.5).all()
+        grad_out = torch.autograd.grad(reconstruction_loss(out, x, "l1"), out)[0]
+        bias_grad = torch.autograd.grad(reconstruction_loss(model(x)["x_recon"], x, "l1"), model.decoder.net[-1].bias)[0]
+        assert bias_grad.item() < 0  # descent raises the output: the body pulls it back either way
+        if clamp:
+            assert (grad_out[air] == 0).all() and (grad_out[~air] < 0).all()
+    # the clamp's own gradient: blocked only where it would push a value further out of [-1, 1]
+    v = torch.tensor([-3.0, -3.0, 0.5, 0.5, 3.0, 3.0], requires_grad=True)
+    g = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    clamp_into_range(v).backward(g)
+    assert v.grad.tolist() == [0.0, -1.0, 1.0, -1.0, 1.0, 0.0]
+    assert clamp_into_range(v).tolist() == [-1, -1, 0.5, 0.5, 1, 1]
+    assert VQVAEConfig().clamp_output
+    old = {k: v for k, v in VQVAEConfig().to_dict().items() if k != "clamp_output"}
+    assert not VQVAEConfig.from_dict(old).clamp_output  # trained unclamped
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     from files import load_checkpoint, save_checkpoint
     model = tiny_model(ema=True).eval()

@@ -258,13 +258,13 @@ def run_config(*argv):
 
 # The seed configuration as the README writes it (section "Codebook health").
 SEED_COMMAND = ("--codebook_init uniform --restart_after 0 --lookup_dim 0 --recon_loss mse --lr_schedule constant "
-                "--best_by mse --batch_size 32")
+                "--best_by mse --batch_size 32 --no-clamp_output")
 
 
 def test_seed_configuration_is_one_command_away():
     """Whatever the defaults, the README's seed command trains the seed: its net (3 stride-2 4x4 convs,
     2 residual layers of 32), 512 codes of 128 dims in a plain lookup with its uniform init and no
-    restarts, beta 0.25, EMA off (decay 0.99 when on), Adam 1e-3 at a constant rate, batch 32,
+    restarts, beta 0.25, EMA off (decay 0.99 when on), the decoder's output unclamped in training, Adam 1e-3 at a constant rate, batch 32,
     20 epochs, MSE, no augmentation, best.pt by validation MSE."""
     assert f"python train.py {SEED_COMMAND}" in (ROOT / "README.md").read_text()
     run = run_config(*SEED_COMMAND.split())
@@ -273,7 +273,7 @@ def test_seed_configuration_is_one_command_away():
         ("seed", 3, 128, 2, 32)
     assert (m.num_embeddings, m.embedding_dim, m.lookup_dim, m.codebook_init, m.restart_after) == \
         (512, 128, 0, "uniform", 0)
-    assert (m.commitment_cost, m.ema, m.decay) == (0.25, False, 0.99)
+    assert (m.commitment_cost, m.ema, m.decay, m.clamp_output) == (0.25, False, 0.99, False)
     assert (t.lr, t.lr_schedule, t.batch_size, t.epochs, t.recon_loss, t.ssim_weight, t.best_by) == \
         (1e-3, "constant", 32, 20, "mse", 0.0, "mse")
     assert (t.aug_flip, t.aug_rotate, t.aug_scale, t.aug_shift, t.aug_gamma) == (0, 0, 0, 0, 0)
