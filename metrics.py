@@ -1,4 +1,5 @@
-"""Metrics: the project's one SSIM (and PSNR), codebook statistics, evaluation of a split, the prior's
+"""Metrics: the project's one SSIM, over the whole slice and over the body (with the body mask, PSNR and
+the air's exact zeros), codebook statistics, evaluation of a split, the prior's
 NLL, and the generation metrics (FID and KID of image sets against the test split with the standard FID
 Inception network, memorisation, the position error of conditioned samples, neighbouring-slice SSIM)."""
 import functools

@@ -2,6 +2,7 @@
 
 Usage: python study.py --data phantom|standin|crops [--configs NAME ...] [--epochs N | --minutes M]
                        [--out_dir runs/study_DATA]
+       python study.py --report RUN [RUN ...]   (the swing and test figures of finished runs)
 
 Every configuration trains with train.py's main at the same compression (8x downsampling, 512 codes)
 and the same budget: --epochs, or --minutes of this machine's time (each configuration's seconds per
@@ -32,7 +33,7 @@ import train
 from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
 from files import load_checkpoint, save_checkpoint, write_csv, write_json, write_nifti_gz
-from metrics import against_test, evaluate
+from metrics import against_test, air_summary, evaluate
 from modules import VQVAE
 from runs import open_run
 from settings import settings_from
@@ -269,6 +270,38 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
+def swings(rows, psnr_step=0.2):
+    """How much validation SSIM jumps between consecutive epochs of the second half of a run (metrics.csv
+    rows) while PSNR barely moves (by less than psnr_step dB): (largest jump, pairs counted)."""
+    half = rows[len(rows) // 2:]
+    jumps = [abs(float(b["val_ssim"]) - float(a["val_ssim"])) for a, b in zip(half, half[1:])
+             if abs(float(b["val_psnr"]) - float(a["val_psnr"])) < psnr_step]
+    return max(jumps, default=0.0), len(jumps)
+
+
+def report(run_dir):
+    """One run's line: its last epochs' validation SSIM, the second half's swing, and predict.py's test
+    figures (both SSIMs, PSNR, the air's exact zeros). Given a checkpoint instead of a run folder: its
+    epoch and the same test figures, scored here (for checkpoints copied from a run's epochs)."""
+    if Path(run_dir).is_file():
+        run = open_run(run_dir)
+        res = evaluate(run.model, load_split(run.data_dir(), "test", run.model.cfg.image_size).images, torch.device("cpu"), 32)
+        air = air_summary(res)
+        return (f"{run_dir}: epoch {run.ckpt['epoch']}, test SSIM {res['ssim'].mean():.4f}, in the body "
+                f"{res['body_ssim'].nanmean():.4f}, PSNR {res['psnr'].mean():.2f} dB; {air['zeros_kept']:.1%} of the "
+                f"black pixels exactly black, {air['bright_lost']:.2%} of the bright ones black")
+    rows = read_metrics(run_dir)
+    jump, pairs = swings(rows)
+    m = json.loads((Path(run_dir) / "predict" / "metrics.json").read_text())
+    air = m["air"]
+    last = ", ".join(f"{float(r['val_ssim']):.4f}" for r in rows[-4:])
+    return (f"{run_dir}: {len(rows)} epochs; validation SSIM of the last four {last}; second half: largest jump "
+            f"{jump:.4f} over {pairs} consecutive pairs with PSNR within 0.2 dB | test (epoch {m['epoch']}, "
+            f"n={m['n']}): SSIM {m['ssim_mean']:.4f}, in the body {m['body_ssim_mean']:.4f}, PSNR "
+            f"{m['psnr_mean']:.2f} dB; {air['zeros_kept']:.1%} of the black pixels exactly black, "
+            f"{air['bright_lost']:.2%} of the bright ones black")
+
+
 def plot_study(out_dir, names, data):
     """Validation SSIM and codebook usage per epoch of every configuration, one line each."""
     curves = {"val_ssim": {}, "codebook_usage": {}}
@@ -300,6 +333,10 @@ def save_side_by_side(path, out_dir, names, data_dir, title, n=6):
 
 
 def main(args):
+    if args.report:
+        for run_dir in args.report:
+            print(report(run_dir))
+        return
     out_dir = Path(args.out_dir or f"runs/study_{args.data}")
     if args.data == "standin":
         data = ["--data_dir", str(cut_standin(args.volume, out_dir / "data"))]
@@ -377,6 +414,9 @@ def get_parser():
     p.add_argument("--figure", action="store_true",
                    help="only draw test slices beside the reconstructions of the --configs already trained in OUT_DIR")
     p.add_argument("--out_dir", default=None, help="None: runs/study_DATA")
+    p.add_argument("--report", nargs="+", default=None, metavar="RUN",
+                   help="only print, for run folders already trained and scored by predict.py, the validation "
+                        "SSIM's swing between epochs and the test figures (for a checkpoint: its epoch's test figures)")
     return p
 
 

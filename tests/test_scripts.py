@@ -52,7 +52,9 @@ def test_train_writes_every_file(trained):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for r in rows:
         assert 0 < float(r["codebook_usage"]) <= 1 and float(r["perplexity"]) >= 1
-        assert -1 <= float(r["val_ssim"]) <= 1 and float(r["val_loss"]) > 0
+        assert -1 <= float(r["val_ssim"]) <= 1 and -1 <= float(r["val_body_ssim"]) <= 1 and float(r["val_loss"]) > 0
+    epoch_lines = [l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("epoch")]
+    assert f"SSIM {float(rows[-1]['val_ssim']):.4f} (body {float(rows[-1]['val_body_ssim']):.4f})" in epoch_lines[-1]
     assert len([l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("epoch")]) == 2
     # best.pt is the epoch with the lowest validation reconstruction MSE, and only that one.
     best_epoch = min(rows, key=lambda r: float(r["val_recon_loss"]))["epoch"]
@@ -96,8 +98,10 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
     assert proc.returncode == 0, proc.stderr
     out = run_dir / "predict"
     m = json.loads((out / "metrics.json").read_text())
-    for k in ["n", "ssim_mean", "ssim_std", "ssim_min", "ssim_max", "psnr_mean", "codebook_usage", "perplexity"]:
+    for k in ["n", "ssim_mean", "ssim_std", "ssim_min", "ssim_max", "body_ssim_mean", "body_ssim_std", "body_n",
+              "psnr_mean", "air", "codebook_usage", "perplexity"]:
         assert k in m
+    assert 0 < m["air"]["zero_pixels"] < 1 and 0 <= m["air"]["zeros_kept"] <= 1 and 0 <= m["air"]["bright_lost"] <= 1
     assert 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= m["codebook_usage"] * 32 + 1e-6
     sources = sorted((Path(tiny_data) / "keras_slices_test").glob("*.nii.gz"))
     assert m["n"] == len(sources) == 4 and m["checkpoint"].endswith("runs/001/best.pt")
@@ -106,6 +110,8 @@ def test_predict_defaults_to_newest_run_and_its_data(trained, tiny_data):
     rows = list(csv.DictReader(open(out / "per_slice.csv")))
     assert sorted(r["file"] for r in rows) == sorted(s.name for s in sources)
     assert np.mean([float(r["ssim"]) for r in rows]) == pytest.approx(m["ssim_mean"], abs=1e-5)
+    assert np.mean([float(r["body_ssim"]) for r in rows]) == pytest.approx(m["body_ssim_mean"], abs=1e-5)
+    assert m["body_n"] == 4 and f"test SSIM in the body {m['body_ssim_mean']:.4f}" in proc.stdout
     assert (out / "best_worst.png").is_file() and (out / "code_histogram.png").is_file()
     assert f"codebook: {m['codebook_usage']:.1%} of 32 codes used" in proc.stdout
     for s in sources:
