@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -35,7 +36,7 @@ from dataset import CACHE_DIR, SPLITS, epoch_batches, get_batch, load_split, num
 from files import load_checkpoint, make_checkpoint, save_checkpoint
 from metrics import evaluate
 from modules import VQVAE
-from prior import build_prior
+from prior import SAMPLE_STEPS, build_prior
 from runs import open_run
 from utils import (ProjectError, autocast_for, configure_backends, pick_device, run_main, seed_everything, to_unit,
                    uses_bf16)
@@ -395,6 +396,15 @@ def bench_generation(args, device):
     row(f"prior sampling ({n} slices)", f"{sample_s:.2f} s + {decode_s:.2f} s")
     print(f"  ({cfg.latent_h}x{cfg.latent_w} codes of {cfg.num_embeddings}, {cfg.arch}, {what}; sampling + "
           f"decoding: {n / (sample_s + decode_s):.1f} slices/s)")
+    # The other kind of the same size (fresh weights: the same cost): masked against autoregressive.
+    other = build_prior(replace(cfg, arch="transformer" if cfg.arch == "masked" else "masked")).to(device).eval()
+    time_sampling(other, vqvae, min(n, 4), device)
+    other_s, _ = time_sampling(other, vqvae, n, device)
+    masked_s, ar_s = (sample_s, other_s) if cfg.arch == "masked" else (other_s, sample_s)
+    row(f"masked prior sampling, {SAMPLE_STEPS} steps ({n} slices)", f"{masked_s:.2f} s", f"{ar_s:.2f} s",
+        f"{ar_s / masked_s:.1f}x")
+    print(f"  (against the autoregressive {'transformer' if cfg.arch == 'masked' else cfg.arch} of the same size, "
+          f"{cfg.latent_h * cfg.latent_w} steps)")
 
 
 def get_parser():

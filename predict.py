@@ -39,7 +39,7 @@ from figures import save_code_histogram, save_comparison, save_image_grid, save_
 from files import load_checkpoint, make_dir, write_csv, write_json, write_nifti_gz
 from metrics import (BODY_CLOSING, BODY_FRACTION, against_test, air_summary, codebook_stats, evaluate,
                      evaluate_decoder, inception, max_ssim_to, measure_positions, neighbour_ssim, prior_nll_bits)
-from prior import PriorConfig, conditions
+from prior import SAMPLE_STEPS, PriorConfig, conditions, nll_name
 from quantizer import code_counts
 from runs import fits, load_gan_decoder, load_prior, open_prior, open_run
 from settings import add_settings, check_settings, setting, settings_from
@@ -60,6 +60,8 @@ class PredictConfig:
     top_k: int = setting(0, "sample among the k most likely codes at each step; 0: all", rule=">= 0")
     top_p: float = setting(1.0, "sample among the most likely codes whose probability adds up to top_p (nucleus "
                            "sampling); 1: all", rule="in (0, 1]")
+    sample_steps: int = setting(SAMPLE_STEPS, "decoding steps of a masked prior (--prior_arch masked): each fills the "
+                                "codes it is most confident of; at most the code map's positions", rule=">= 1")
     slice_position: int = setting(None, "generate the samples at this slice position of a volume (0 .. the "
                                   "training volumes' last); None: at any", rule=">= 0")
     guidance: float = setting(5.0, "classifier-free guidance on the slice position (samples asked at a position, "
@@ -148,7 +150,7 @@ def sample_codes(prior, n, args, generator, position=None, previous=None):
         part = slice(i, i + SAMPLE_BATCH)
         cond = [None if c is None else c[part] for c in (position, previous)]
         parts.append(prior.sample(len(range(n)[part]), args.temperature, args.top_k, generator, args.top_p, *cond,
-                                  guidance=args.guidance))
+                                  guidance=args.guidance, steps=args.sample_steps))
     return torch.cat(parts)
 
 
@@ -177,6 +179,9 @@ def find_gan_decoder(args, run, device):
 
 def check_condition(cfg, args, prior_path):
     """Refuse, in one line, what the prior (its PriorConfig cfg) was not trained to do."""
+    if cfg.arch == "masked" and args.sample_steps > cfg.latent_h * cfg.latent_w:
+        raise ProjectError(f"--sample_steps {args.sample_steps} is more than the {cfg.latent_h * cfg.latent_w} codes "
+                           f"of {prior_path}'s code maps; pick at most that")
     if args.slice_position is not None:
         if cfg.condition == "none" or not cfg.num_positions:
             raise ProjectError(f"--slice_position needs a prior trained on slice positions, and {prior_path} was "
@@ -332,7 +337,7 @@ def score(args, run, prior, gan, draws, train_set, test_set, test_res, out_dir, 
                     "generated slices (top), the training slice nearest to each by SSIM (middle), "
                     "real test slices (bottom)", ncols=k, row_labels=["samples", "nearest train", "real test"])
     gen.update(top_p=args.top_p, guidance=args.guidance, slice_position=args.slice_position,
-               prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
+               prior_arch=prior.cfg.arch, prior_condition=prior.cfg.condition, decoder="adversarial" if gan else "mse")
     if gan:
         gen["adversarial_reconstructions"] = {"ssim_mean": adversarial["ssim"].mean().item(),
                                               "body_ssim_mean": adversarial["body_ssim"].nanmean().item(),
@@ -450,7 +455,8 @@ def main(args):
 def print_generation(gen, out_dir):
     """The generation metrics of metrics.json, as lines for the terminal."""
     fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
-    print(f"prior: test NLL {gen['prior_test_nll_bits']:.4f} bits per code; sampled {gen['num_samples']} "
+    print(f"prior: test {nll_name(gen.get('prior_arch'))} {gen['prior_test_nll_bits']:.4f} bits per code; sampled "
+          f"{gen['num_samples']} "
           f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
     gan = gen.get("decoder") == "adversarial"
     for name, label in (("samples", "samples" + (" (adversarial)" if gan else "")),

@@ -1,9 +1,10 @@
 """The prior over a VQ-VAE's code maps: its config, the conditioning on the slice's position and the
-previous slice, the autoregressive priors (a causal transformer and the paper's gated PixelCNN) and
-their sampling.
+previous slice, the autoregressive priors (a causal transformer and the paper's gated PixelCNN), the
+masked-token prior (MaskGIT's bidirectional transformer) and their sampling.
 
 Pure tensor code: no argparse, no file I/O.
 """
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from modules import VQVAEConfig
 from settings import check_settings, setting
 
-PRIOR_ARCHS = ("transformer", "pixelcnn")
+PRIOR_ARCHS = ("transformer", "pixelcnn", "masked")
 PRIOR_CONDITIONS = ("none", "position", "position+previous")
 
 
@@ -24,10 +25,11 @@ class PriorConfig:
     num_embeddings: int = field(metadata={"rule": ">= 1"})  # the VQ-VAE's codes; token K is the start token
     latent_h: int = field(metadata={"rule": ">= 1"})  # code-map rows (image height / 2**num_downsampling_layers)
     latent_w: int = field(metadata={"rule": ">= 1"})  # code-map columns
-    arch: str = setting("transformer", "causal transformer (sampling with a key/value cache) or the paper's "
-                        "gated PixelCNN", choices=PRIOR_ARCHS)
+    arch: str = setting("transformer", "causal transformer (sampling code by code with a key/value cache), the "
+                        "paper's gated PixelCNN, or a masked-token transformer (MaskGIT: all codes at once, in "
+                        "predict.py --sample_steps steps)", choices=PRIOR_ARCHS)
     num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule="in [1, 256]")
-    num_heads: int = setting(4, "attention heads per block (transformer)", rule=">= 1")
+    num_heads: int = setting(4, "attention heads per block (transformer, masked)", rule=">= 1")
     hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
     dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")
     kernel_size: int = setting(5, "masked convolution width (pixelcnn)", rule=">= 1")
@@ -40,7 +42,7 @@ class PriorConfig:
 
     def __post_init__(self):
         check_settings(self)
-        if self.arch == "transformer" and self.hidden_dim % self.num_heads:
+        if self.arch in ("transformer", "masked") and self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of num_heads {self.num_heads}")
         if self.arch == "pixelcnn" and self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (centred on the current column), got {self.kernel_size}")
@@ -61,14 +63,14 @@ class PriorConfig:
         return asdict(self)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position t sees positions <= t only."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; causal: position t sees positions <= t only, else every position."""
 
-    def __init__(self, hidden_dim, num_heads):
+    def __init__(self, hidden_dim, num_heads, causal=True):
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of num_heads {num_heads}")
-        self.num_heads = num_heads
+        self.num_heads, self.causal = num_heads, causal
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.proj = nn.Linear(hidden_dim, hidden_dim)
 
@@ -80,7 +82,7 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(C, dim=2))
         if cache is None:
             # No dropout on the attention weights: it forces the slow unfused kernel on the CPU.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:  # sampling: one new position attends to itself and everything before it
             assert T == 1, "the cached path takes one position at a time (no mask among new positions)"
             cache["k"][:, :, pos:pos + T], cache["v"][:, :, pos:pos + T] = k, v
@@ -91,10 +93,10 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, hidden_dim, num_heads, dropout):
+    def __init__(self, hidden_dim, num_heads, dropout, causal=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(hidden_dim)
-        self.attn = CausalSelfAttention(hidden_dim, num_heads)
+        self.attn = SelfAttention(hidden_dim, num_heads, causal)
         self.ln_2 = nn.LayerNorm(hidden_dim)
         self.mlp = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.GELU(),
                                  nn.Linear(4 * hidden_dim, hidden_dim), nn.Dropout(dropout))
@@ -102,6 +104,13 @@ class Block(nn.Module):
     def forward(self, x, cache=None, pos=0):
         x = x + self.attn(self.ln_1(x), cache, pos)
         return x + self.mlp(self.ln_2(x))
+
+
+def check_sampling(temperature, top_p):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _draw(logits, temperature, top_k, generator, top_p=1.0):
@@ -181,24 +190,23 @@ class AutoregressivePrior(nn.Module):
     code map, each optional. Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position
     i sees codes < i (and all of c)."""
 
-    def nll(self, indices, position=None, previous=None):
-        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code."""
+    def nll(self, indices, position=None, previous=None, generator=None):
+        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code (nothing is
+        drawn: `generator` is the masked prior's)."""
         logits = self(indices, position, previous)
         return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
 
     @torch.no_grad()
     def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None,
-               guidance=1.0):
+               guidance=1.0, steps=None):
         """n code maps (n, h, w) drawn code by code from p(z_i | z_<i, c) / temperature, keeping only the
         top_k most likely codes (top_k > 0) and the top_p nucleus (top_p < 1) at each step, in eval
         mode. position (n,) and previous (n, h, w) condition the draw (None: left out). guidance != 1
         with a position is classifier-free guidance (Ho and Salimans 2022) on it: the logits
         l_free + guidance * (l_position - l_free), l_free those without the position (the previous
-        map, if any, in both). `generator` (on the model's device) seeds the draws."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        map, if any, in both). `generator` (on the model's device) seeds the draws. `steps` is the
+        masked prior's; raster order takes one step per code."""
+        check_sampling(temperature, top_p)
         was_training = self.training
         self.eval()
 
@@ -352,9 +360,135 @@ class CodePrior(AutoregressivePrior):
         return out
 
 
+# The masked prior's decoding: SAMPLE_STEPS steps by default (MaskGIT used 8-12 for 16x16 maps; predict.py
+# --sample_steps), and the randomness of the choice of which drawn codes to keep, annealed from
+# CHOICE_TEMPERATURE at the first step to 0 at the last (MaskGIT's 4.5).
+SAMPLE_STEPS = 12
+CHOICE_TEMPERATURE = 4.5
+# The masked fractions the masked prior's NLL is averaged over in eval mode (validation and test).
+EVAL_RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+def mask_fraction(t):
+    """MaskGIT's cosine schedule: the fraction of a code map masked at t in [0, 1] (1 at t = 0, 0 at
+    t = 1); training draws t ~ U(0, 1) per map, decoding step s of T leaves cos(pi/2 s/T) masked."""
+    return torch.cos(math.pi / 2 * t)
+
+
+class MaskedPrior(nn.Module):
+    """A masked-token prior (MaskGIT, Chang et al. 2022): a bidirectional transformer over the code
+    map in which masked positions hold a mask token (code K); it scores the codes of the masked
+    positions given the unmasked ones and the condition (Condition). Trained on maps with a
+    fraction mask_fraction(t), t ~ U(0, 1), of their positions masked; sampled from a fully masked
+    map in a few steps, each filling the positions whose drawn codes it is most confident of."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seq_len = cfg.latent_h * cfg.latent_w
+        self.mask_token = cfg.num_embeddings
+        self.tok_emb = nn.Embedding(cfg.num_embeddings + 1, cfg.hidden_dim)
+        self.pos_emb = nn.Embedding(self.seq_len, cfg.hidden_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout, causal=False)
+                                     for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden_dim)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
+        self.cond = Condition(cfg)
+        self.apply(CodePrior._init_weights)
+
+    def forward(self, tokens, position=None, previous=None):
+        """tokens: (B, h, w) codes, the mask token K where masked -> logits (B, h*w, K) of every
+        position given the unmasked codes and the condition (position (B,), previous (B, h, w); None:
+        left out)."""
+        seq = tokens.flatten(1)  # (B, L), raster order
+        cond = CodePrior._as_sequence(self.cond(len(seq), position, previous))  # (B, L, C) or 0
+        x = self.drop(self.tok_emb(seq) + self.pos_emb(torch.arange(self.seq_len, device=seq.device)) + cond)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, L, K)
+
+    def mask(self, indices, fraction, generator=None):
+        """indices (B, h, w), fraction (B,) -> (tokens (B, h, w) with ceil(fraction * h*w) positions of
+        each map (at least one), drawn at random, set to the mask token; masked (B, h*w) bool)."""
+        B, L = len(indices), self.seq_len
+        count = (fraction * L).ceil().clamp(1, L)  # (B,)
+        order = torch.rand(B, L, generator=generator, device=indices.device).argsort(1).argsort(1)
+        masked = order < count[:, None]  # (B, L): exactly `count` positions per map
+        return torch.where(masked, self.mask_token, indices.flatten(1)).view_as(indices), masked
+
+    def masked_nll(self, indices, fraction, position=None, previous=None, generator=None):
+        """indices (B, h, w), fraction (B,) -> (B,) mean NLL in nats of each map's masked codes."""
+        tokens, masked = self.mask(indices, fraction, generator)
+        logits = self(tokens, position, previous)
+        ce = F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none")  # (B, L)
+        return (ce * masked).sum(1) / masked.sum(1)
+
+    def nll(self, indices, position=None, previous=None, generator=None):
+        """indices: (B, h, w) -> (B,) NLL in nats per masked code. Training: each map masked at
+        mask_fraction(t), t ~ U(0, 1), drawn from `generator`. Eval mode: the mean over the fractions
+        EVAL_RATIOS with positions drawn from a fixed seed, so validation figures compare across
+        epochs (not the likelihood of the whole map, which an autoregressive prior's NLL is)."""
+        B, device = len(indices), indices.device
+        if self.training:
+            return self.masked_nll(indices, mask_fraction(torch.rand(B, generator=generator, device=device)),
+                                   position, previous, generator)
+        g = torch.Generator(device).manual_seed(0)
+        return torch.stack([self.masked_nll(indices, torch.full((B,), r, device=device), position, previous, g)
+                            for r in EVAL_RATIOS]).mean(0)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, top_p=1.0, position=None, previous=None,
+               guidance=1.0, steps=None):
+        """n code maps (n, h, w) in `steps` (SAMPLE_STEPS if None) passes, in eval mode. From a fully
+        masked map, each pass draws a code at every masked position from softmax(logits / temperature)
+        (top_k, top_p as AutoregressivePrior.sample), then keeps those of the most confident positions
+        (log p of the drawn code plus Gumbel noise scaled by CHOICE_TEMPERATURE * (1 - s/T)) so that
+        floor(h*w * mask_fraction(s/T)) positions stay masked after pass s, and at least one is filled:
+        every position is filled after pass T. position, previous, guidance and generator as
+        AutoregressivePrior.sample (guidance mixes the logits of every pass)."""
+        check_sampling(temperature, top_p)
+        steps = SAMPLE_STEPS if steps is None else steps
+        L = self.seq_len
+        if not 1 <= steps <= L:
+            raise ValueError(f"steps must be in [1, {L}] (the code map's positions), got {steps}")
+        was_training = self.training
+        self.eval()
+        device = self.pos_emb.weight.device
+        guided = guidance != 1 and position is not None
+        if guided:  # both halves in one batch: with the position, and without it
+            position = torch.cat([position, torch.full_like(position, self.cfg.num_positions)])
+            previous = None if previous is None else torch.cat([previous, previous])
+        tokens = torch.full((n, L), self.mask_token, dtype=torch.long, device=device)
+        for s in range(1, steps + 1):
+            masked = tokens == self.mask_token  # (n, L)
+            x = tokens.repeat(2, 1) if guided else tokens
+            logits = self(x.view(-1, self.cfg.latent_h, self.cfg.latent_w), position, previous).float()  # (m, L, K)
+            if guided:
+                cond, free = logits.chunk(2)
+                logits = free + guidance * (cond - free)
+            drawn = _draw(logits.flatten(0, 1), temperature, top_k, generator, top_p).view(n, L)
+            confidence = F.log_softmax(logits, -1).gather(2, drawn[..., None])[..., 0]  # (n, L)
+            u = torch.rand(n, L, generator=generator, device=device).clamp(1e-20, 1 - 1e-7)
+            confidence = confidence - CHOICE_TEMPERATURE * (1 - s / steps) * torch.log(-torch.log(u))
+            confidence = confidence.masked_fill(~masked, float("inf"))  # filled positions stay filled
+            left = math.floor(L * mask_fraction(torch.tensor(s / steps)).item())
+            left = (masked.sum(1) - 1).clamp(min=0).clamp(max=left)  # (n,): at least one filled per pass
+            stay = confidence.argsort(1).argsort(1) < left[:, None]  # the least confident stay masked
+            tokens = torch.where(masked & ~stay, drawn, tokens)
+        self.train(was_training)
+        return tokens.view(n, self.cfg.latent_h, self.cfg.latent_w)
+
+
 # --prior_arch -> the prior's class (a new prior: its class, its name here and in PRIOR_ARCHS)
-PRIORS = {"transformer": CodePrior, "pixelcnn": GatedPixelCNN}
+PRIORS = {"transformer": CodePrior, "pixelcnn": GatedPixelCNN, "masked": MaskedPrior}
 assert tuple(PRIORS) == PRIOR_ARCHS
+
+
+def nll_name(arch):
+    """What the prior's NLL (and so its validation and test figure) measures: the whole map's, or, for
+    the masked prior, its masked codes' at the fractions EVAL_RATIOS (MaskedPrior.nll)."""
+    return "masked NLL" if arch == "masked" else "NLL"
 
 
 def build_prior(cfg: PriorConfig):

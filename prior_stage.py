@@ -14,7 +14,7 @@ from dataset import augment, epoch_batches, num_batches, volume_layout
 from figures import save_curves, save_image_grid
 from files import make_checkpoint
 from metrics import BITS_PER_NAT, encode_split, prior_nll_bits
-from prior import build_prior, conditions
+from prior import build_prior, conditions, nll_name
 from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, schedule_lines, set_lr,
                    start_frozen_stage, write_stage_config)
 from stopping import deferred_signals
@@ -91,7 +91,8 @@ def train_prior(run, run_dir, typed=None):
             best_val = min(best_val, val_bits)
             ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, device,
                                    vqvae=frozen.vq_id)
-            files.save(rows, ckpt, improved, f"prior epoch {epoch:3d} | train NLL {train_bits:.4f} | val NLL "
+            nll = nll_name(cfg.arch)
+            files.save(rows, ckpt, improved, f"prior epoch {epoch:3d} | train {nll} {train_bits:.4f} | val {nll} "
                        f"{val_bits:.4f} bits per code"
                        + (f" ({cond_bits:.4f} given {GIVEN[cfg.condition]})" if cfg.condition != "none" else "")
                        + f" | {rows[-1][-1]:.0f}s" + (" | best" if improved else ""))
@@ -100,9 +101,9 @@ def train_prior(run, run_dir, typed=None):
     if cfg.condition != "none":
         columns[f"validation, given {GIVEN[cfg.condition]}"] = "val_conditioned_nll_bits"
     save_curves(run_dir / "prior_nll_per_epoch.png", {k: files.column(rows, c) for k, c in columns.items()}, "epoch",
-                "NLL (bits per code)", f"prior NLL per epoch ({cfg.num_embeddings} codes: "
-                f"{math.log2(cfg.num_embeddings):.0f} bits is uniform)")
-    log(f"done: best prior validation NLL {best_val:.4f} bits per code; checkpoint {files.best}")
+                f"{nll_name(cfg.arch)} (bits per code)", f"prior {nll_name(cfg.arch)} per epoch ({cfg.num_embeddings} "
+                f"codes: {math.log2(cfg.num_embeddings):.0f} bits is uniform)")
+    log(f"done: best prior validation {nll_name(cfg.arch)} {best_val:.4f} bits per code; checkpoint {files.best}")
 
 
 def prior_data(run, frozen):
@@ -143,7 +144,7 @@ def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, 
                      dynamic_ncols=True, initial=start, total=len(batches)):
         batch = prior_batch(codes, layout, batches[step], cfg, args, g)
         with autocast_for(device, run.train.precision):
-            nll = prior.nll(*batch)  # (B,) nats per code
+            nll = prior.nll(*batch, generator=g)  # (B,) nats per code (the masked prior's masks from g)
         loss = nll.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,7 +165,8 @@ def save_prior_samples(run_dir, prior, vqvae, epoch, val_bits, run, device):
     with autocast_for(device, run.train.precision):
         samples = to_unit(vqvae.decode_indices(prior.sample(args.num_samples, generator=g))).cpu()
     save_image_grid(run_dir / f"prior_epoch_{epoch:03d}_samples.png", samples,
-                    f"prior epoch {epoch}: {len(samples)} samples (temperature 1), validation NLL "
+                    f"prior epoch {epoch}: {len(samples)} samples (temperature 1), validation "
+                    f"{nll_name(prior.cfg.arch)} "
                     f"{val_bits:.3f} bits per code")
 
 

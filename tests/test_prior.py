@@ -1,11 +1,14 @@
-"""Invariants of the prior over code maps: causality, the sampling cache, validity, capacity."""
+"""Invariants of the priors over code maps: causality (autoregressive) or masking (masked), the sampling
+cache and steps, validity, capacity, conditioning."""
 import math
 
 import pytest
 import torch
 
 from modules import VQVAE, VQVAEConfig
-from prior import PRIOR_ARCHS, CodePrior, PriorConfig, build_prior
+from prior import PRIOR_ARCHS, CodePrior, MaskedPrior, PriorConfig, build_prior
+
+AR_ARCHS = [a for a in PRIOR_ARCHS if a != "masked"]  # raster order: causality, one code per step
 
 TINY_PRIOR = dict(num_embeddings=16, latent_h=4, latent_w=3, num_layers=2, num_heads=2, hidden_dim=16,
                   dropout=0.0, kernel_size=3)
@@ -16,7 +19,7 @@ def tiny_prior(**kw):
     return build_prior(PriorConfig(**{**TINY_PRIOR, **kw})).eval()
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 @pytest.mark.parametrize("i", [0, 2, 5, 11])
 def test_prior_is_causal(arch, i):
     """Changing the code at raster position i changes no logit at positions <= i, and some after it."""
@@ -30,7 +33,7 @@ def test_prior_is_causal(arch, i):
         assert not torch.allclose(a[:, i + 1:], b[:, i + 1:])
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 def test_sampling_matches_the_full_forward(arch):
     """Greedy sampling (top_k=1), through the transformer's key/value cache or the PixelCNN's
     reruns, picks at every position the argmax of one full forward pass over the finished map."""
@@ -56,12 +59,14 @@ def test_samples_are_valid_codes_that_decode_to_images(arch):
     assert vq.encode(x).shape == codes.shape
     # Same generator seed, same samples; top_k=3 keeps each step among the 3 most likely codes.
     assert torch.equal(prior.sample(6, 1.3, generator=torch.Generator().manual_seed(0)), codes)
+    if arch == "masked":  # its codes are drawn from the logits of the pass that filled them, not of the whole map
+        return
     top3 = prior.sample(4, top_k=3, generator=torch.Generator().manual_seed(1))
     ranks = prior(top3).argsort(-1, descending=True).argsort(-1)  # rank of each code at each position
     assert ranks.gather(2, top3.flatten(1)[..., None]).max() < 3
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 def test_prior_overfits_a_tiny_code_set(arch):
     """Four fixed code maps are learnt: every code after the first is predicted with certainty, and
     the first, which nothing precedes, gets the four maps' first codes at 1/4 each."""
@@ -111,7 +116,7 @@ def test_a_changed_position_or_previous_map_changes_the_logits(arch):
     assert not torch.allclose(prior(codes), base)
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 @pytest.mark.parametrize("i", [0, 4, 11])
 def test_prior_is_causal_given_the_position_and_previous_map(arch, i):
     """With the condition fixed, a change of the code at position i changes no logit at positions
@@ -129,7 +134,7 @@ def test_prior_is_causal_given_the_position_and_previous_map(arch, i):
     assert not torch.allclose(prior(codes, position, later)[:, 4], a[:, 4])
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 def test_conditioned_greedy_sampling_matches_the_full_forward(arch):
     prior = tiny_prior(arch=arch, **COND)
     position, previous = torch.tensor([0, 2, 4]), torch.randint(16, (3, 4, 3))
@@ -214,7 +219,7 @@ def test_augmented_copies_transform_a_slice_and_its_previous_slice_alike():
     assert torch.equal(again[0], maps) and torch.equal(again[1], prev)
 
 
-@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+@pytest.mark.parametrize("arch", AR_ARCHS)
 def test_guided_greedy_sampling_takes_the_guided_argmax(arch):
     """Classifier-free guidance: each code is the argmax of l_free + w (l_position - l_free), both
     logits of the map drawn so far (the previous map in both)."""
@@ -227,3 +232,95 @@ def test_guided_greedy_sampling_takes_the_guided_argmax(arch):
     plain = prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0), position=position, previous=previous)
     assert torch.equal(plain, prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0), position=position,
                                            previous=previous, guidance=1.0))
+
+
+# ----------------------------------------------------------------------------- the masked prior
+
+def test_a_masked_positions_logits_do_not_depend_on_its_hidden_code():
+    """Two maps that differ only where the mask falls give the same input and the same logits; the
+    masked NLL scores only the masked positions, so a change elsewhere leaves it alone."""
+    prior = tiny_prior(arch="masked", **COND)
+    codes = torch.randint(16, (3, 4, 3))
+    fraction = torch.tensor([0.25, 0.5, 1.0])
+    tokens, masked = prior.mask(codes, fraction, torch.Generator().manual_seed(0))
+    assert masked.sum(1).tolist() == [3, 6, 12]  # ceil(fraction * 12) positions of each map
+    assert (tokens.flatten(1)[masked] == 16).all()
+    assert torch.equal(tokens.flatten(1)[~masked], codes.flatten(1)[~masked])
+    other = codes.flatten(1).clone()
+    other[masked] = (other[masked] + 1) % 16  # another hidden code at every masked position
+    tokens_other, _ = prior.mask(other.view_as(codes), fraction, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, tokens_other)
+    position, previous = torch.tensor([0, 2, 4]), torch.randint(16, (3, 4, 3))
+    assert torch.equal(prior(tokens, position, previous), prior(tokens_other, position, previous))
+    # Unmasked codes do reach every logit (the attention is bidirectional).
+    changed = tokens.flatten(1).clone()
+    changed[0, (~masked[0]).nonzero()[0, 0]] += 1
+    before, after = prior(tokens, position, previous)[0], prior(changed.view_as(codes), position, previous)[0]
+    assert not torch.allclose(before, after)
+    g = torch.Generator().manual_seed(0)
+    nll = prior.masked_nll(codes, fraction, position, previous, g)
+    elsewhere = codes.flatten(1).clone()
+    elsewhere[~masked] = (elsewhere[~masked] + 1) % 16
+    g = torch.Generator().manual_seed(0)
+    unmasked_changed = prior.masked_nll(elsewhere.view_as(codes), fraction, position, previous, g)
+    assert torch.equal(nll[2], unmasked_changed[2])  # the fully masked map: nothing else to change
+
+
+@pytest.mark.parametrize("steps", [1, 5, 12])
+def test_masked_sampling_fills_every_position_in_exactly_t_steps(steps):
+    """T passes, each with fewer masked positions than the one before, and none left after the last."""
+    prior = tiny_prior(arch="masked")
+    seen = []
+    hook = prior.register_forward_pre_hook(lambda m, args: seen.append((args[0] == 16).sum().item()))
+    codes = prior.sample(2, generator=torch.Generator().manual_seed(0), steps=steps)
+    hook.remove()
+    assert len(seen) == steps and seen[0] == 2 * 12
+    assert all(b < a for a, b in zip(seen, seen[1:]))
+    assert codes.shape == (2, 4, 3) and codes.min() >= 0 and codes.max() < 16
+    with pytest.raises(ValueError, match="steps"):
+        prior.sample(1, steps=13)
+
+
+def test_masked_sampling_is_seeded_and_conditioned():
+    prior = tiny_prior(arch="masked", **COND)
+    position, previous = torch.tensor([0, 4]), torch.randint(16, (2, 4, 3))
+
+    def draw(seed, **kw):
+        return prior.sample(2, generator=torch.Generator().manual_seed(seed), steps=4, **kw)
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    assert torch.equal(draw(3, position=position, previous=previous), draw(3, position=position, previous=previous))
+    guided = draw(3, position=position, previous=previous, guidance=3.0)
+    assert torch.equal(guided, draw(3, position=position, previous=previous, guidance=3.0))
+    # (that the condition changes the logits: test_a_changed_position_or_previous_map_changes_the_logits)
+
+
+def test_masked_prior_learns_a_tiny_code_set():
+    """Four fixed maps: with a quarter of a map masked the rest tells which map it is, so the masked
+    codes are predicted with confidence; greedy decoding one position per pass rebuilds training maps."""
+    prior = tiny_prior(arch="masked", hidden_dim=32)
+    prior.train()
+    codes = torch.randint(16, (4, 4, 3), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(800):
+        loss = prior.nll(codes, generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prior.eval()
+    quarter = prior.masked_nll(codes, torch.full((4,), 0.25), generator=torch.Generator().manual_seed(1))
+    assert quarter.max() < 0.3  # of log 16 = 2.77 nats for a uniform guess
+    samples = prior.sample(8, top_k=1, generator=torch.Generator().manual_seed(0), steps=12)
+    assert sum(any(torch.equal(s, c) for c in codes) for s in samples) >= 6
+
+
+def test_masked_nll_in_eval_mode_is_deterministic():
+    """Validation draws its masks from a fixed seed: the same maps score the same, epoch after epoch."""
+    prior = tiny_prior(arch="masked")
+    codes = torch.randint(16, (5, 4, 3))
+    assert isinstance(prior, MaskedPrior)
+    assert torch.equal(prior.nll(codes), prior.nll(codes))
+    prior.train()
+    a = prior.nll(codes, generator=torch.Generator().manual_seed(0))
+    b = prior.nll(codes, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
