@@ -86,6 +86,8 @@ class PriorTrainConfig:
     aug_flip: float = setting(0.5, "probability of training on the codes of a left-right flipped slice (and its "
                               "previous slice, flipped with it) instead; 0.5 lowered the validation NLL on unseen "
                               "patients (STUDIES.md)", rule="in [0, 1]")
+    token_noise: float = setting(0.0, "fraction of the codes the prior sees in training (never its targets) replaced "
+                                 "by random codes (taming-transformers' 1 - pkeep); 0: none", rule="in [0, 1)")
     aug_copies: int = setting(0, "augmented copies of the training slices, encoded once, that the prior trains on "
                               "beside the slices themselves (each map drawn from one of the copies + 1 alike): "
                               "in a copy each slice and its previous slice share one random rotation (up to 5 degrees), "

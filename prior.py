@@ -106,6 +106,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def replace_codes(indices, fraction, num_embeddings, generator=None):
+    """indices (B, h, w) with each code replaced, with probability `fraction`, by one drawn uniformly
+    from the K codes (taming-transformers' pkeep = 1 - fraction): a prior trained on such inputs
+    learns to predict from a context that is not always right, as its own samples are not."""
+    swap = torch.rand(indices.shape, generator=generator, device=indices.device) < fraction
+    noise = torch.randint(num_embeddings, indices.shape, generator=generator, device=indices.device)
+    return torch.where(swap, noise, indices)
+
+
 def check_sampling(temperature, top_p):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -190,10 +199,11 @@ class AutoregressivePrior(nn.Module):
     code map, each optional. Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position
     i sees codes < i (and all of c)."""
 
-    def nll(self, indices, position=None, previous=None, generator=None):
-        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code (nothing is
-        drawn: `generator` is the masked prior's)."""
-        logits = self(indices, position, previous)
+    def nll(self, indices, position=None, previous=None, generator=None, noise=0.0):
+        """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code; with noise
+        > 0 the inputs (not the targets) are replace_codes(indices, noise), drawn from `generator`."""
+        inputs = replace_codes(indices, noise, self.cfg.num_embeddings, generator) if noise else indices
+        logits = self(inputs, position, previous)
         return F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none").mean(1)
 
     @torch.no_grad()
@@ -417,22 +427,26 @@ class MaskedPrior(nn.Module):
         masked = order < count[:, None]  # (B, L): exactly `count` positions per map
         return torch.where(masked, self.mask_token, indices.flatten(1)).view_as(indices), masked
 
-    def masked_nll(self, indices, fraction, position=None, previous=None, generator=None):
-        """indices (B, h, w), fraction (B,) -> (B,) mean NLL in nats of each map's masked codes."""
+    def masked_nll(self, indices, fraction, position=None, previous=None, generator=None, noise=0.0):
+        """indices (B, h, w), fraction (B,) -> (B,) mean NLL in nats of each map's masked codes; with
+        noise > 0 the unmasked codes it sees are replace_codes(indices, noise)."""
         tokens, masked = self.mask(indices, fraction, generator)
+        if noise:
+            tokens = torch.where(masked.view_as(indices), tokens,
+                                 replace_codes(indices, noise, self.cfg.num_embeddings, generator))
         logits = self(tokens, position, previous)
         ce = F.cross_entropy(logits.transpose(1, 2), indices.flatten(1), reduction="none")  # (B, L)
         return (ce * masked).sum(1) / masked.sum(1)
 
-    def nll(self, indices, position=None, previous=None, generator=None):
+    def nll(self, indices, position=None, previous=None, generator=None, noise=0.0):
         """indices: (B, h, w) -> (B,) NLL in nats per masked code. Training: each map masked at
-        mask_fraction(t), t ~ U(0, 1), drawn from `generator`. Eval mode: the mean over the fractions
+        mask_fraction(t), t ~ U(0, 1), drawn from `generator`, the rest replace_codes(.., noise). Eval mode: the mean over the fractions
         EVAL_RATIOS with positions drawn from a fixed seed, so validation figures compare across
         epochs (not the likelihood of the whole map, which an autoregressive prior's NLL is)."""
         B, device = len(indices), indices.device
         if self.training:
             return self.masked_nll(indices, mask_fraction(torch.rand(B, generator=generator, device=device)),
-                                   position, previous, generator)
+                                   position, previous, generator, noise)
         g = torch.Generator(device).manual_seed(0)
         return torch.stack([self.masked_nll(indices, torch.full((B,), r, device=device), position, previous, g)
                             for r in EVAL_RATIOS]).mean(0)

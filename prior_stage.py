@@ -144,7 +144,7 @@ def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, 
                      dynamic_ncols=True, initial=start, total=len(batches)):
         batch = prior_batch(codes, layout, batches[step], cfg, args, g)
         with autocast_for(device, run.train.precision):
-            nll = prior.nll(*batch, generator=g)  # (B,) nats per code (the masked prior's masks from g)
+            nll = prior.nll(*batch, generator=g, noise=args.token_noise)  # (B,) nats per code; masks, noise from g
         loss = nll.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

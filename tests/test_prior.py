@@ -324,3 +324,29 @@ def test_masked_nll_in_eval_mode_is_deterministic():
     a = prior.nll(codes, generator=torch.Generator().manual_seed(0))
     b = prior.nll(codes, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_token_noise_replaces_inputs_never_targets(arch):
+    """--prior_token_noise: about that fraction of the codes a prior sees are swapped for random ones
+    (a few draw their own code back), the NLL is scored against the true codes, and 0 changes nothing."""
+    from prior import replace_codes
+    codes = torch.randint(16, (200, 4, 3), generator=torch.Generator().manual_seed(0))
+    noisy = replace_codes(codes, 0.3, 16, torch.Generator().manual_seed(1))
+    assert (noisy != codes).float().mean().item() == pytest.approx(0.3 * 15 / 16, abs=0.02)
+    assert torch.equal(replace_codes(codes, 0.0, 16), codes)
+    prior = tiny_prior(arch=arch)
+    prior.train()  # dropout is 0: training mode differs only in what it draws
+    small = codes[:4]
+    if arch == "masked":
+        a = prior.masked_nll(small, torch.full((4,), 0.5), generator=torch.Generator().manual_seed(2), noise=0.3)
+        g = torch.Generator().manual_seed(2)
+        tokens, masked = prior.mask(small, torch.full((4,), 0.5), g)
+        tokens = torch.where(masked.view_as(small), tokens, replace_codes(small, 0.3, 16, g))
+        ce = torch.nn.functional.cross_entropy(prior(tokens).transpose(1, 2), small.flatten(1), reduction="none")
+        assert torch.allclose(a, (ce * masked).sum(1) / masked.sum(1))
+    else:
+        a = prior.nll(small, generator=torch.Generator().manual_seed(2), noise=0.3)
+        inputs = replace_codes(small, 0.3, 16, torch.Generator().manual_seed(2))
+        ce = torch.nn.functional.cross_entropy(prior(inputs).transpose(1, 2), small.flatten(1), reduction="none")
+        assert torch.allclose(a, ce.mean(1)) and not torch.allclose(a, prior.nll(small))
