@@ -456,8 +456,7 @@ def print_generation(gen, out_dir):
     """The generation metrics of metrics.json, as lines for the terminal."""
     fids, kids, mem, div = gen["fid"], gen["kid"], gen["memorisation"], gen["diversity"]
     print(f"prior: test {nll_name(gen.get('prior_arch'))} {gen['prior_test_nll_bits']:.4f} bits per code; sampled "
-          f"{gen['num_samples']} "
-          f"slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
+          f"{gen['num_samples']} slices in {gen['sample_seconds']:.1f} s on {gen['device']}")
     gan = gen.get("decoder") == "adversarial"
     for name, label in (("samples", "samples" + (" (adversarial)" if gan else "")),
                         ("samples_mse_decoder", "samples (MSE decoder)"),

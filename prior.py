@@ -311,18 +311,23 @@ class CodePrior(AutoregressivePrior):
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
+        self.start_token = cfg.num_embeddings
+        self._build(cfg, causal=True)
+
+    def _build(self, cfg, causal):
+        """The transformer both CodePrior and MaskedPrior are: token embeddings of the K codes and one
+        extra token (start or mask), position embeddings, the blocks, the head and the condition."""
         self.cfg = cfg
         self.seq_len = cfg.latent_h * cfg.latent_w
-        self.start_token = cfg.num_embeddings
         self.tok_emb = nn.Embedding(cfg.num_embeddings + 1, cfg.hidden_dim)
         self.pos_emb = nn.Embedding(self.seq_len, cfg.hidden_dim)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout, causal)
                                      for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
         self.cond = Condition(cfg)
-        self.apply(self._init_weights)
+        self.apply(CodePrior._init_weights)
 
     @staticmethod
     def _init_weights(m):
@@ -394,18 +399,8 @@ class MaskedPrior(nn.Module):
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
-        self.cfg = cfg
-        self.seq_len = cfg.latent_h * cfg.latent_w
         self.mask_token = cfg.num_embeddings
-        self.tok_emb = nn.Embedding(cfg.num_embeddings + 1, cfg.hidden_dim)
-        self.pos_emb = nn.Embedding(self.seq_len, cfg.hidden_dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout, causal=False)
-                                     for _ in range(cfg.num_layers)])
-        self.ln_f = nn.LayerNorm(cfg.hidden_dim)
-        self.head = nn.Linear(cfg.hidden_dim, cfg.num_embeddings, bias=False)
-        self.cond = Condition(cfg)
-        self.apply(CodePrior._init_weights)
+        CodePrior._build(self, cfg, causal=False)  # the same transformer, without the causal mask
 
     def forward(self, tokens, position=None, previous=None):
         """tokens: (B, h, w) codes, the mask token K where masked -> logits (B, h*w, K) of every
@@ -413,7 +408,7 @@ class MaskedPrior(nn.Module):
         left out)."""
         seq = tokens.flatten(1)  # (B, L), raster order
         cond = CodePrior._as_sequence(self.cond(len(seq), position, previous))  # (B, L, C) or 0
-        x = self.drop(self.tok_emb(seq) + self.pos_emb(torch.arange(self.seq_len, device=seq.device)) + cond)
+        x = CodePrior._embed(self, seq, 0, cond)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # (B, L, K)
@@ -440,8 +435,8 @@ class MaskedPrior(nn.Module):
 
     def nll(self, indices, position=None, previous=None, generator=None, noise=0.0):
         """indices: (B, h, w) -> (B,) NLL in nats per masked code. Training: each map masked at
-        mask_fraction(t), t ~ U(0, 1), drawn from `generator`, the rest replace_codes(.., noise). Eval mode: the mean over the fractions
-        EVAL_RATIOS with positions drawn from a fixed seed, so validation figures compare across
+        mask_fraction(t), t ~ U(0, 1), drawn from `generator`, the rest replace_codes(.., noise). Eval
+        mode: the mean over the fractions EVAL_RATIOS with positions drawn from a fixed seed, so validation figures compare across
         epochs (not the likelihood of the whole map, which an autoregressive prior's NLL is)."""
         B, device = len(indices), indices.device
         if self.training:
