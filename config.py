@@ -112,6 +112,9 @@ class GanTrainConfig:
     disc_channels: int = setting(64, "channels of the discriminator's first conv (doubled per layer, at most 8x)",
                                  rule=">= 1")
     disc_layers: int = setting(3, "stride-2 convs of the discriminator (3: 70x70-pixel patches)", rule="in [1, 12]")
+    noise: bool = setting(False, "the texture decoder: learned per-pixel noise injected near the decoder's output "
+                          "(modules.NoiseInjection, zero at the start), a fresh draw per slice, so it can render "
+                          "MR's grain")
 
     def __post_init__(self):
         check_settings(self)

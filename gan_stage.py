@@ -3,7 +3,6 @@ decoder trained on the frozen codes with its reconstruction loss plus a PatchGAN
 best.pt, its codes and the prior over them do not change. Writes gan_config.json, gan_metrics.csv,
 gan_epoch_NNN_comparison.png, decoder_gan_last.pt (every epoch, to resume) and at the end
 decoder_gan.pt. Holds the discriminator and the stage; started by train.py --gan_epochs N."""
-import copy
 import math
 import time
 from functools import partial
@@ -18,7 +17,7 @@ from dataset import epoch_batches, get_batch
 from figures import save_image_grid
 from files import make_checkpoint, save_checkpoint
 from metrics import evaluate_decoder, ssim
-from modules import reconstruction_loss
+from modules import Decoder, reconstruction_loss
 from stage import (Pause, StageFiles, encoded_splits, restore, resume_command, resume_partial, start_frozen_stage,
                    write_stage_config)
 from stopping import deferred_signals
@@ -108,7 +107,9 @@ def train_gan(run, run_dir, typed=None):
                                 ssim_weight=run.train.ssim_weight)
 
     # ---- model
-    decoder = copy.deepcopy(vqvae.decoder).train()  # starts as best.pt's decoder, which stays as it is
+    # best.pt's decoder (which stays as it is) with, under --gan_noise, noise scales at zero: the same function
+    decoder = Decoder(vqvae.cfg, noise=args.noise).to(device).train()
+    decoder.load_state_dict(vqvae.decoder.state_dict(), strict=not args.noise)
     disc = PatchDiscriminator(vqvae.cfg.in_channels, args.disc_channels, args.disc_layers).to(device)
     log(f"adversarial decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters from "
         f"{frozen.vq_path}, discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M with "

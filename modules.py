@@ -214,12 +214,18 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z: (B, embedding_dim, h, w) -> (B, C, h * 2**L, w * 2**L), mirroring the Encoder of the same arch:
     a 3x3 conv, the code map's blocks (`residual_stack`), then `net`: L stride-2 transposed convs (resnet:
-    each followed by blocks[i] residual blocks, then GN, SiLU and a 3x3 conv to C channels)."""
+    each followed by blocks[i] residual blocks, then GN, SiLU and a 3x3 conv to C channels).
 
-    def __init__(self, cfg: VQVAEConfig):
+    noise: the texture decoder's noise injection (StyleGAN, Karras et al. 2019): fresh per-pixel noise
+    with a learned scale per channel (NoiseInjection, zero at the start) added to the inputs of the last
+    two upsampling layers (resnet: and of the output head) and to the output, so the decoder can render
+    MR's grain, which no deterministic function of the codes can (a fresh draw at every call)."""
+
+    def __init__(self, cfg: VQVAEConfig, noise=False):
         super().__init__()
         L, out_channels = cfg.num_downsampling_layers, cfg.in_channels
         self.clamp = cfg.clamp_output
+        self.noise_at, self.noise = [], nn.ModuleList()  # net indices whose input gets noise, and its modules
         if cfg.arch == "resnet":
             ch = cfg.channels
             self.conv = nn.Conv2d(cfg.embedding_dim, ch[-1], 3, padding=1)
@@ -230,6 +236,10 @@ class Decoder(nn.Module):
                 layers += [ResBlock(ch[i]) for _ in range(cfg.blocks[i])]
             layers += [_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], out_channels, 3, padding=1)]
             self.net = nn.Sequential(*layers)
+            if noise:
+                ups = [i for i, m in enumerate(layers) if isinstance(m, nn.Sequential)]  # the _up blocks
+                self._add_noise([*ups[-2:], len(layers) - 3], [*(layers[i][-1].in_channels for i in ups[-2:]), ch[0]],
+                                out_channels)
             return
         num_hiddens = cfg.num_hiddens
         self.conv = nn.Conv2d(cfg.embedding_dim, num_hiddens, 3, padding=1)
@@ -243,14 +253,44 @@ class Decoder(nn.Module):
             if not last:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
+        if noise:
+            ups = [i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)]
+            self._add_noise(ups[-2:], [layers[i].in_channels for i in ups[-2:]], out_channels)
+
+    def _add_noise(self, at, channels, out_channels):
+        """Noise on the inputs of net[i] for i in `at` (of `channels` channels each) and on the output."""
+        self.noise_at = list(at)
+        self.noise = nn.ModuleList([NoiseInjection(c) for c in [*channels, out_channels]])
 
     def forward(self, z):
-        x = self.net[:-1](self.residual_stack(self.conv(z)))  # (B, c, H, W) or (B, c, H / 2, W / 2) (seed)
+        x = self.residual_stack(self.conv(z))  # (B, c, h, w)
+        for i, layer in enumerate(self.net[:-1]):
+            if i in self.noise_at:
+                x = self.noise[self.noise_at.index(i)](x)
+            x = layer(x)  # ends (B, c, H, W) or (B, c, H / 2, W / 2) (seed)
         # The last layer in fp32 even under bf16 autocast, so the reconstruction that the loss, SSIM
         # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
         with torch.autocast(z.device.type, enabled=False):
-            x = self.net[-1](x.float())  # (B, C, H, W)
+            x = x.float()
+            if len(self.net) - 1 in self.noise_at:
+                x = self.noise[self.noise_at.index(len(self.net) - 1)](x)
+            x = self.net[-1](x)  # (B, C, H, W)
+            if self.noise_at:
+                x = self.noise[-1](x)
         return clamp_into_range(x) if self.clamp else x
+
+
+class NoiseInjection(nn.Module):
+    """x + scale * n: n ~ N(0, 1), one fresh value per pixel shared by the channels, scale one learned
+    number per channel, zero at the start (StyleGAN's noise inputs). x: (B, c, H, W) -> (B, c, H, W)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        return x + self.scale.view(1, -1, 1, 1).to(x.dtype) * torch.randn(B, 1, H, W, device=x.device, dtype=x.dtype)
 
 
 class ClampIntoRange(torch.autograd.Function):

@@ -384,6 +384,7 @@ def main(args):
     # ---- setup
     args = settings_from(PredictConfig, vars(args))
     device = pick_device(args.device)
+    torch.manual_seed(args.seed)  # the texture decoder's grain (gan_noise) draws from torch's global generator
 
     # ---- models and data (the prior and the FID network first: a problem with any of them stops
     # the run before anything is written, not after the reconstructions)

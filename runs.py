@@ -2,6 +2,7 @@
 (model_args and weights alone), with the precision and the data it trained on. predict.py, study.py and
 bench.py open runs here; the training stages write them (stage.py)."""
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -126,5 +127,6 @@ def load_gan_decoder(run_dir_or_path, vq_ckpt, device):
         raise ProjectError(f"{path} learned the codes of another VQ-VAE than this run's best.pt (it was extended "
                            f"or replaced since); train a new one: python train.py --stage gan --resume "
                            f"{path.parent} --gan_epochs N")
-    decoder = _rebuild(Decoder, VQVAEConfig.from_dict, ckpt, path, device)
+    decoder = _rebuild(partial(Decoder, noise=bool(ckpt["config"].get("gan_noise", False))), VQVAEConfig.from_dict,
+                       ckpt, path, device)
     return decoder.to(memory_format=torch.channels_last) if device.type == "cuda" else decoder

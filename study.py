@@ -1,15 +1,18 @@
 """The studies of STUDIES.md: train and test each configuration on one data set, print the table.
 
-Usage: python study.py --data phantom|standin|crops [--configs NAME ...] [--epochs N | --minutes M]
+Usage: python study.py --data phantom|standin|crops|prostate3t [--configs NAME ...] [--epochs N | --minutes M]
                        [--out_dir runs/study_DATA]
        python study.py --report RUN [RUN ...]   (the swing and test figures of finished runs)
+       python study.py --realism RUN [RUN ...]  (KID of the L1 and texture decoders' reconstructions)
 
 Every configuration trains with train.py's main at the same compression (8x downsampling, 512 codes)
 and the same budget: --epochs, or --minutes of this machine's time (each configuration's seconds per
 step are measured first, alone, and its epochs set so that steps x seconds per step fills the budget,
 so a bigger net gets fewer steps), then predict.py's main scores the test split with the project's SSIM.
 --data standin first cuts the real stand-in (see cut_standin) from one HipMRI volume into OUT_DIR/data;
---data crops cuts the 27 real prostate crops into 64x64 slices, split by patient (see cut_crops).
+--data crops cuts the 27 real prostate crops into 64x64 slices, split by patient (see cut_crops);
+--data prostate3t cuts 5 grainy native-resolution volumes into 128x128 tiles, split by patient
+(see cut_prostate3t).
 Besides SSIM, PSNR and codebook use, each row has the net's parameters, GFLOP per image (forward), seconds
 per training step, and the KID of the test reconstructions against the test split beside the
 real-vs-real floor (as many training slices as test slices against the test split).
@@ -33,9 +36,9 @@ import train
 from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
 from files import load_checkpoint, save_checkpoint, write_csv, write_json, write_nifti_gz
-from metrics import against_test, air_summary, evaluate
+from metrics import against_test, air_summary, blur_ssim_curve, evaluate, evaluate_decoder
 from modules import VQVAE
-from runs import open_run
+from runs import load_gan_decoder, open_run
 from settings import settings_from
 from utils import ProjectError, run_main
 
@@ -147,6 +150,40 @@ def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
     return out_dir
 
 
+# The grainy multi-patient set: 5 prostate T2 volumes (384x384, 0.5 mm, about 20 slices) at native
+# resolution, whole patients per split; each slice's central 256x256 cut into four 128x128 tiles.
+PROSTATE3T_SPLIT = {"train": 2, "validate": 1, "test": 2}
+TILE, TILES_FROM = 128, slice(64, 320)
+
+
+def cut_prostate3t(folder, out_dir, split=PROSTATE3T_SPLIT, seed=0):
+    """The prostate3t folder (one (384, 384, Z) .nii.gz per patient) -> out_dir/keras_slices_{split}/:
+    each axial slice's central 256x256 at native resolution (no resampling, so the grain stays as the
+    scanner made it) as four 128x128 tiles, one 2D .nii.gz per tile named p3t_PP_tileT_slice_K (so each
+    tile position of a patient reads as one volume), whole patients per split. Returns out_dir."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    files = sorted(folder.glob("*.nii*")) if folder.is_dir() else []
+    if len(files) < sum(split.values()):
+        raise ProjectError(f"{folder} holds {len(files)} volumes, fewer than the {sum(split.values())} patients "
+                           f"of the split; pass --prostate3t with the prostate3t folder")
+    order = np.random.default_rng(seed).permutation(len(files))
+    start = 0
+    for name, n in split.items():
+        dest = out_dir / f"keras_slices_{name}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for case in order[start:start + n]:
+            img = nib.load(files[case])
+            dx, dy = (float(z) for z in img.header.get_zooms()[:2])
+            for k in range(img.shape[2]):
+                centre = np.asarray(img.dataobj[TILES_FROM, TILES_FROM, k])  # (256, 256)
+                for t in range(4):
+                    tile = centre[t // 2 * TILE:(t // 2 + 1) * TILE, t % 2 * TILE:(t % 2 + 1) * TILE]
+                    write_nifti_gz(dest / f"p3t_{case:02d}_tile{t}_slice_{k}.nii.gz",
+                                   nib.Nifti1Image(np.ascontiguousarray(tile), np.diag([dx, dy, 1.0, 1.0])))
+        start += n
+    return out_dir
+
+
 def merged(flags):
     """A flag list with each flag once, at its last value (a row's flags are the row before plus changes)."""
     out = {}
@@ -199,17 +236,44 @@ def cached_cost(path, run):
     return tuple(cache[key])
 
 
-def recon_kid(run_dir, data_dir, seed=0):
-    """KID of the test reconstructions of run_dir/best.pt against the test split, and the real-vs-real
-    floor: as many random training slices against the test split -> ((mean, sd), (mean, sd))."""
+def realism(run_dir, seed=0):
+    """How real the test reconstructions of run_dir/best.pt look, through its L1 (or MSE) decoder and,
+    when the run has one, its adversarial or texture decoder (decoder_gan.pt) on the same codes: each
+    set's KID (mean, sd over subsets) and FID against the test split, its SSIM to the test slices, and its
+    blur-SSIM at sigma 1 px (metrics.blur_ssim_curve: grain lowers it, a smooth image scores near 1), beside
+    the real-vs-real floor at equal n (as many random training slices as test slices; patients the model
+    never saw where the data are split by patient) -> {set: {kid, kid_sd, fid, ssim, blur_ssim_1}}."""
     device = torch.device("cpu")
-    model = open_run(run_dir).model
+    torch.manual_seed(seed)  # the texture decoder's grain
+    run = open_run(run_dir)
+    model, data_dir = run.model, run.data_dir()
     test = load_split(data_dir, "test", model.cfg.image_size).images.float()
     train_images = load_split(data_dir, "train", model.cfg.image_size).images.float()
-    recons = evaluate(model, test, device, 32, keep=True)["recons"]
+    res = evaluate(model, test, device, 32, keep=True)
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:len(test)]
-    _, kids = against_test({"reconstructions": recons, "floor": train_images[pick]}, test, device)
-    return kids["reconstructions"], kids["floor"]
+    sets, ssims = {"floor": train_images[pick], "recon_l1": res["recons"]}, {"recon_l1": res["ssim"].mean().item()}
+    gan = load_gan_decoder(run.dir, run.ckpt, device)
+    if gan:
+        texture = evaluate_decoder(gan, res["indices"], test, model, device, 32, keep=True)
+        sets["recon_texture"], ssims["recon_texture"] = texture["recons"], texture["ssim"].mean().item()
+    fids, kids = against_test(sets, test, device)
+    out = {name: {"kid": kids[name][0], "kid_sd": kids[name][1], "fid": fids[name], "ssim": ssims.get(name),
+                  "blur_ssim_1": blur_ssim_curve(x, (1,))[0]} for name, x in sets.items()}
+    out["test"] = {"blur_ssim_1": blur_ssim_curve(test, (1,))[0]}
+    return out
+
+
+def realism_line(run_dir, r):
+    """One Markdown row of realism()'s figures, KIDs also as multiples of the floor."""
+    floor = r["floor"]["kid"]
+
+    def kid(name):
+        return f"{r[name]['kid']:.4f} ({r[name]['kid'] / floor:.1f}x)" if name in r else "-"
+
+    ssim_of = {k: f"{r[k]['ssim']:.4f}" if k in r else "-" for k in ("recon_l1", "recon_texture")}
+    blur = " / ".join(f"{r[k]['blur_ssim_1']:.3f}" if k in r else "-" for k in ("test", "recon_l1", "recon_texture"))
+    return (f"| {run_dir} | {ssim_of['recon_l1']} / {ssim_of['recon_texture']} | {kid('recon_l1')} | "
+            f"{kid('recon_texture')} | {floor:.4f} | {blur} |")
 
 
 def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=None, **sampling):
@@ -337,11 +401,21 @@ def main(args):
         for run_dir in args.report:
             print(report(run_dir))
         return
+    if args.realism:
+        print("| run | test SSIM: L1 / texture decoder | KID recon L1 (x floor) | KID recon texture (x floor) | "
+              "KID floor | blur-SSIM sigma 1: real / L1 / texture |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for run_dir in args.realism:
+            print(realism_line(run_dir, realism(run_dir)))
+        return
     out_dir = Path(args.out_dir or f"runs/study_{args.data}")
     if args.data == "standin":
         data = ["--data_dir", str(cut_standin(args.volume, out_dir / "data"))]
     elif args.data == "crops":
         data = ["--data_dir", str(cut_crops(args.crops, out_dir / "data")), "--image_size", "64", "64"]
+    elif args.data == "prostate3t":
+        data = ["--data_dir", str(cut_prostate3t(args.prostate3t, out_dir / "data")), "--image_size", str(TILE),
+                str(TILE)]
     else:
         data = []
     data_dir = resolve_data_dir(data[1] if data else None)
@@ -374,7 +448,8 @@ def main(args):
         predict.main(predict.get_parser().parse_args(["--checkpoint", str(run_dir / "best.pt"), "--num_samples", "0"]))
         m = json.loads((run_dir / "predict" / "metrics.json").read_text())
         last = read_metrics(run_dir)[-1]
-        (kid_recon, kid_sd), (kid_floor, floor_sd) = recon_kid(run_dir, data_dir)
+        real = realism(run_dir)
+        (kid_recon, kid_sd), (kid_floor, floor_sd) = [(real[k]["kid"], real[k]["kid_sd"]) for k in ("recon_l1", "floor")]
         rows.append([label, m["ssim_mean"], m["ssim_std"], m["psnr_mean"], m["codebook_usage"],
                      m["perplexity"], seconds, m["epoch"], float(last["codebook_usage"]), params, gflop,
                      step_seconds, epochs, kid_recon, kid_sd, kid_floor, floor_sd,
@@ -398,12 +473,15 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Run the codebook study on one data set.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=["phantom", "standin", "crops"], default="phantom",
-                   help="the built-in phantom, the real stand-in cut from --volume, or the real crops of --crops")
+    p.add_argument("--data", choices=["phantom", "standin", "crops", "prostate3t"], default="phantom",
+                   help="the built-in phantom, the real stand-in cut from --volume, the real crops of --crops, or "
+                        "the grainy tiles of --prostate3t")
     p.add_argument("--volume", default="../shared/data/hipmri_3d/Case_018_Week7_LFOV.nii.gz",
                    help="HipMRI 3D volume to cut the stand-in from (with --data standin)")
     p.add_argument("--crops", default="../shared/data/prostate_crops",
                    help="folder of the 27 prostate crops (with --data crops)")
+    p.add_argument("--prostate3t", default="../shared/data/prostate3t",
+                   help="folder of the 5 native-resolution prostate T2 volumes (with --data prostate3t)")
     p.add_argument("--epochs", type=int, default=20, help="training budget of every configuration")
     p.add_argument("--minutes", type=float, default=None,
                    help="instead of --epochs: each configuration's budget in minutes of this machine's time")
@@ -414,6 +492,9 @@ def get_parser():
     p.add_argument("--figure", action="store_true",
                    help="only draw test slices beside the reconstructions of the --configs already trained in OUT_DIR")
     p.add_argument("--out_dir", default=None, help="None: runs/study_DATA")
+    p.add_argument("--realism", nargs="+", default=None, metavar="RUN",
+                   help="only print, for trained run folders, the realism of their test reconstructions through "
+                        "the L1 decoder and the texture decoder (decoder_gan.pt) beside the real-vs-real floor")
     p.add_argument("--report", nargs="+", default=None, metavar="RUN",
                    help="only print, for run folders already trained and scored by predict.py, the validation "
                         "SSIM's swing between epochs and the test figures (for a checkpoint: its epoch's test figures)")

@@ -190,7 +190,7 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
     prior_flags = config.stage_flag_names("prior_")
     assert all(n.startswith("prior_") for n in prior_flags) and "prior_epochs" in prior_flags
     assert set(config.stage_flag_names("gan_")) == {"gan_epochs", "gan_batch_size", "gan_lr", "gan_disc_weight",
-                                           "gan_disc_start", "gan_disc_channels", "gan_disc_layers"}
+                                           "gan_disc_start", "gan_disc_channels", "gan_disc_layers", "gan_noise"}
     assert config.RunConfig.from_flags({}).gan.epochs == 0  # no adversarial decoder unless asked for
     with pytest.raises(ProjectError, match="--gan_epochs N"):
         train.main(flags(["--stage", "gan", "--resume", str(vq_run)]))
@@ -209,13 +209,14 @@ def test_gan_settings_are_checked_before_anything_runs(vq_run, tmp_path, monkeyp
 
 
 def test_predict_renders_samples_with_the_adversarial_decoder(vq_run, tmp_path):
-    """With decoder_gan.pt in the run, predict.py decodes the samples with it and reports both decoders:
-    the test reconstructions' SSIM stays best.pt's, the adversarial reconstructions are scored beside."""
+    """With decoder_gan.pt in the run (here the texture decoder, --gan_noise), predict.py decodes the samples
+    with it and reports both decoders: the test reconstructions' SSIM stays best.pt's, the adversarial
+    reconstructions are scored beside, their grain fixed by --seed."""
     import json
     run_dir = tmp_path / "run"
     shutil.copytree(vq_run, run_dir)
     train_main("--stage", "prior", "--resume", run_dir)
-    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", *GAN_FLAGS)
+    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", "--gan_noise", *GAN_FLAGS)
     proc = run("predict.py", "--checkpoint", run_dir / "best.pt", "--num_samples", "4", "--out_dir", tmp_path / "p",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -225,8 +226,53 @@ def test_predict_renders_samples_with_the_adversarial_decoder(vq_run, tmp_path):
     assert -1 <= gen["adversarial_reconstructions"]["ssim_mean"] <= 1
     proc = run("predict.py", "--checkpoint", run_dir / "best.pt", "--num_samples", "4", "--decoder", "mse",
                "--out_dir", tmp_path / "q", cwd=tmp_path)
-    gen = json.loads((tmp_path / "q" / "metrics.json").read_text())["generation"]
-    assert proc.returncode == 0 and gen["decoder"] == "mse" and "samples_mse_decoder" not in gen["fid"]
+    mse = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert proc.returncode == 0 and mse["generation"]["decoder"] == "mse" and "samples_mse_decoder" not in \
+        mse["generation"]["fid"]
+    assert mse["ssim_mean"] == json.loads((tmp_path / "p" / "metrics.json").read_text())["ssim_mean"]
+
+
+@pytest.mark.parametrize("arch", ["seed", "resnet"])
+def test_noise_injection_starts_as_the_decoder_it_copies_and_draws_fresh_grain(arch):
+    """Decoder(noise=True) loads a plain decoder's weights (only its noise scales are new, at 0) and then
+    computes the same function; with non-zero scales every call draws new noise, one value per pixel shared
+    by a layer's channels, reproducible under a fixed seed, and the scales receive gradients."""
+    from modules import NoiseInjection, VQVAEConfig
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(arch=arch, image_size=(32, 16), num_hiddens=16, num_residual_hiddens=8, embedding_dim=8,
+                      channels=(8, 8, 16, 16))
+    plain, noisy = Decoder(cfg), Decoder(cfg, noise=True)
+    missing = noisy.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("noise.") and k.endswith(".scale") for k in missing)
+    assert len(noisy.noise) == len(noisy.noise_at) + 1 == (3 if arch == "seed" else 4)  # + the output's
+    z = torch.randn(2, 8, 4, 2)
+    assert torch.equal(plain(z), noisy(z))
+    for m in noisy.noise:
+        torch.nn.init.constant_(m.scale, 0.1)
+    torch.manual_seed(1)
+    a, b = noisy(z), noisy(z)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, b) and torch.equal(noisy(z), a)
+    a.sum().backward()
+    assert all(m.scale.grad is not None and m.scale.grad.abs().sum() > 0 for m in noisy.noise)
+    inject = NoiseInjection(3)
+    torch.nn.init.constant_(inject.scale, 1.0)
+    x = torch.zeros(2, 3, 5, 4)
+    out = inject(x)
+    assert torch.equal(out[:, 0], out[:, 2]) and not torch.equal(out[0], out[1])  # per pixel, shared by channels
+
+
+def test_gan_noise_trains_and_load_gan_decoder_rebuilds_the_texture_decoder(vq_run, tmp_path):
+    """--gan_noise: decoder_gan.pt holds the noise scales and its config says so; load_gan_decoder rebuilds
+    the texture decoder (two calls differ). predict.py with it: test_predict_renders_samples_with_..."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(vq_run, run_dir)
+    train_main("--stage", "gan", "--resume", run_dir, "--gan_epochs", "1", "--gan_noise", *GAN_FLAGS)
+    gan, best = load(run_dir / "decoder_gan.pt"), load(run_dir / "best.pt")
+    assert gan["config"]["gan_noise"] is True and any(k.startswith("noise.") for k in gan["model"])
+    decoder = load_gan_decoder(run_dir, best, torch.device("cpu"))
+    z = torch.randn(2, 8, 8, 4)
+    assert any(m.scale.abs().sum() > 0 for m in decoder.noise) and not torch.equal(decoder(z), decoder(z))
 
 
 def test_the_prior_has_its_own_cosine_schedule(vq_run, tmp_path):
