@@ -242,7 +242,8 @@ def realism(run_dir, seed=0):
     set's KID (mean, sd over subsets) and FID against the test split, its SSIM to the test slices, and its
     blur-SSIM at sigma 1 px (metrics.blur_ssim_curve: grain lowers it, a smooth image scores near 1), beside
     the real-vs-real floor at equal n (as many random training slices as test slices; patients the model
-    never saw where the data are split by patient) -> {set: {kid, kid_sd, fid, ssim, blur_ssim_1}}."""
+    never saw where the data are split by patient) -> {set: {kid, kid_sd, fid, ssim, blur_ssim_1}}. Draws
+    three test slices beside both decoders' renderings at full size in run_dir/realism_test.png."""
     device = torch.device("cpu")
     torch.manual_seed(seed)  # the texture decoder's grain
     run = open_run(run_dir)
@@ -257,6 +258,13 @@ def realism(run_dir, seed=0):
         texture = evaluate_decoder(gan, res["indices"], test, model, device, 32, keep=True)
         sets["recon_texture"], ssims["recon_texture"] = texture["recons"], texture["ssim"].mean().item()
     fids, kids = against_test(sets, test, device)
+    shown = [test, res["recons"], *([sets["recon_texture"]] if gan else [])]
+    k = min(3, len(test))
+    pick = torch.linspace(0, len(test) - 1, k).long()  # spread over the test patients
+    # at least one figure pixel per image pixel (100 dpi), so the grain is seen as it is
+    save_image_grid(Path(run_dir) / "realism_test.png", torch.stack([x[pick] for x in shown], 1).flatten(0, 1),
+                    f"test slices of patients never seen in training | L1 decoder (best.pt){' | texture decoder' * bool(gan)}"
+                    f" ({run_dir})", ncols=len(shown), cell=max(model.cfg.image_size[0] / 100, 1.3))
     out = {name: {"kid": kids[name][0], "kid_sd": kids[name][1], "fid": fids[name], "ssim": ssims.get(name),
                   "blur_ssim_1": blur_ssim_curve(x, (1,))[0]} for name, x in sets.items()}
     out["test"] = {"blur_ssim_1": blur_ssim_curve(test, (1,))[0]}

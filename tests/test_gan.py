@@ -273,6 +273,13 @@ def test_gan_noise_trains_and_load_gan_decoder_rebuilds_the_texture_decoder(vq_r
     decoder = load_gan_decoder(run_dir, best, torch.device("cpu"))
     z = torch.randn(2, 8, 8, 4)
     assert any(m.scale.abs().sum() > 0 for m in decoder.noise) and not torch.equal(decoder(z), decoder(z))
+    # study.py --realism scores both decoders' test reconstructions beside the floor and draws them
+    import study
+    r = study.realism(run_dir)
+    assert set(r) == {"floor", "recon_l1", "recon_texture", "test"} and r["recon_texture"]["kid"] > 0
+    assert r["floor"]["ssim"] is None and 0 < r["test"]["blur_ssim_1"] <= 1
+    assert (run_dir / "realism_test.png").is_file()
+    assert f"({r['recon_texture']['kid'] / r['floor']['kid']:.1f}x)" in study.realism_line(run_dir, r)
 
 
 def test_the_prior_has_its_own_cosine_schedule(vq_run, tmp_path):

@@ -357,6 +357,32 @@ def test_crops_are_split_by_patient(tmp_path):
     assert not (cases["train"] & cases["test"]) and not (cases["train"] & cases["validate"])
 
 
+def test_prostate3t_tiles_are_native_and_split_by_patient(tmp_path):
+    """study.cut_prostate3t cuts each slice's central 256x256 into four 128x128 tiles without resampling
+    (the pixels are the volume's own) and keeps every patient in one split."""
+    import nibabel as nib
+    import numpy as np
+    import study
+    rng = np.random.default_rng(0)
+    volumes = [rng.integers(0, 1000, (384, 384, 3)).astype(np.int16) for _ in range(5)]
+    for i, v in enumerate(volumes):
+        nib.save(nib.Nifti1Image(v, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / f"Prostate3T-03-000{i + 1}.nii.gz")
+    out = study.cut_prostate3t(tmp_path, tmp_path / "cut")
+    patients = {}
+    for split, n in study.PROSTATE3T_SPLIT.items():
+        files = sorted((out / f"keras_slices_{split}").glob("*.nii.gz"))
+        patients[split] = {int(f.name.split("_")[1]) for f in files}
+        assert len(patients[split]) == n and len(files) == 4 * 3 * n  # 4 tiles of each of 3 slices
+        for f in files:
+            _, p, tile, _, k = f.name.removesuffix(".nii.gz").split("_")
+            t, k = int(tile.removeprefix("tile")), int(k)
+            r, c = 64 + t // 2 * 128, 64 + t % 2 * 128
+            assert np.array_equal(np.asarray(nib.load(f).dataobj), volumes[int(p)][r:r + 128, c:c + 128, k])
+    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["validate"])
+    with pytest.raises(study.ProjectError, match="--prostate3t"):
+        study.cut_prostate3t(tmp_path / "missing", tmp_path / "x")
+
+
 def test_a_new_setting_is_one_field():
     """A setting added as one field (here a made-up model setting) becomes a flag with its help and
     default, is range-checked when parsed, and travels into model_args and back unchanged."""
