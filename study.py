@@ -126,15 +126,15 @@ def cut_standin(volume, out_dir, slabs=STANDIN_SLABS):
 CROPS_SPLIT = {"train": 19, "validate": 4, "test": 4}
 
 
-def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
-    """The crops folder (one (64, 64, 60) .nii.gz per patient) -> out_dir/keras_slices_{split}/, every
-    axial slice [:, :, k] of each patient as one 2D .nii.gz named as the release names its slices
-    (case_NNN_week_0_slice_K), whole patients per split. Returns out_dir."""
+def patients_by_split(folder, out_dir, split, seed, flag):
+    """The volumes of `folder` (one .nii(.gz) per patient) dealt into whole-patient splits by a seeded
+    shuffle -> yields (out_dir/keras_slices_{split}, the patient's index, the (X, Y, Z) nibabel image, its
+    in-plane affine); ProjectError naming `flag` when the folder holds too few patients."""
     folder, out_dir = Path(folder), Path(out_dir)
     files = sorted(folder.glob("*.nii*")) if folder.is_dir() else []
     if len(files) < sum(split.values()):
         raise ProjectError(f"{folder} holds {len(files)} volumes, fewer than the {sum(split.values())} patients "
-                           f"of the split; pass --crops with the prostate_crops folder")
+                           f"of the split; pass {flag}")
     order = np.random.default_rng(seed).permutation(len(files))
     start = 0
     for name, n in split.items():
@@ -143,11 +143,20 @@ def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
         for case in order[start:start + n]:
             img = nib.load(files[case])
             dx, dy = (float(z) for z in img.header.get_zooms()[:2])
-            for k in range(img.shape[2]):
-                write_nifti_gz(dest / f"case_{case:03d}_week_0_slice_{k}.nii.gz",
-                               nib.Nifti1Image(np.asarray(img.dataobj[:, :, k]), np.diag([dx, dy, 1.0, 1.0])))
+            yield dest, case, img, np.diag([dx, dy, 1.0, 1.0])
         start += n
-    return out_dir
+
+
+def cut_crops(folder, out_dir, split=CROPS_SPLIT, seed=0):
+    """The crops folder (one (64, 64, 60) .nii.gz per patient) -> out_dir/keras_slices_{split}/, every
+    axial slice [:, :, k] of each patient as one 2D .nii.gz named as the release names its slices
+    (case_NNN_week_0_slice_K), whole patients per split. Returns out_dir."""
+    for dest, case, img, affine in patients_by_split(folder, out_dir, split, seed, "--crops with the prostate_crops "
+                                                     "folder"):
+        for k in range(img.shape[2]):
+            write_nifti_gz(dest / f"case_{case:03d}_week_0_slice_{k}.nii.gz",
+                           nib.Nifti1Image(np.asarray(img.dataobj[:, :, k]), affine))
+    return Path(out_dir)
 
 
 # The grainy multi-patient set: 5 prostate T2 volumes (384x384, 0.5 mm, about 20 slices) at native
@@ -161,27 +170,15 @@ def cut_prostate3t(folder, out_dir, split=PROSTATE3T_SPLIT, seed=0):
     each axial slice's central 256x256 at native resolution (no resampling, so the grain stays as the
     scanner made it) as four 128x128 tiles, one 2D .nii.gz per tile named p3t_PP_tileT_slice_K (so each
     tile position of a patient reads as one volume), whole patients per split. Returns out_dir."""
-    folder, out_dir = Path(folder), Path(out_dir)
-    files = sorted(folder.glob("*.nii*")) if folder.is_dir() else []
-    if len(files) < sum(split.values()):
-        raise ProjectError(f"{folder} holds {len(files)} volumes, fewer than the {sum(split.values())} patients "
-                           f"of the split; pass --prostate3t with the prostate3t folder")
-    order = np.random.default_rng(seed).permutation(len(files))
-    start = 0
-    for name, n in split.items():
-        dest = out_dir / f"keras_slices_{name}"
-        dest.mkdir(parents=True, exist_ok=True)
-        for case in order[start:start + n]:
-            img = nib.load(files[case])
-            dx, dy = (float(z) for z in img.header.get_zooms()[:2])
-            for k in range(img.shape[2]):
-                centre = np.asarray(img.dataobj[TILES_FROM, TILES_FROM, k])  # (256, 256)
-                for t in range(4):
-                    tile = centre[t // 2 * TILE:(t // 2 + 1) * TILE, t % 2 * TILE:(t % 2 + 1) * TILE]
-                    write_nifti_gz(dest / f"p3t_{case:02d}_tile{t}_slice_{k}.nii.gz",
-                                   nib.Nifti1Image(np.ascontiguousarray(tile), np.diag([dx, dy, 1.0, 1.0])))
-        start += n
-    return out_dir
+    for dest, case, img, affine in patients_by_split(folder, out_dir, split, seed, "--prostate3t with the "
+                                                     "prostate3t folder"):
+        for k in range(img.shape[2]):
+            centre = np.asarray(img.dataobj[TILES_FROM, TILES_FROM, k])  # (256, 256)
+            for t in range(4):
+                tile = centre[t // 2 * TILE:(t // 2 + 1) * TILE, t % 2 * TILE:(t % 2 + 1) * TILE]  # (128, 128)
+                write_nifti_gz(dest / f"p3t_{case:02d}_tile{t}_slice_{k}.nii.gz",
+                               nib.Nifti1Image(np.ascontiguousarray(tile), affine))
+    return Path(out_dir)
 
 
 def merged(flags):
