@@ -18,7 +18,7 @@ CODEBOOK_INITS = ("uniform", "kmeans")
 ARCHS = ("seed", "resnet")
 SEED_CODEBOOK = {"codebook_init": "uniform", "restart_after": 0}  # the seed's codebook, without health
 # What a checkpoint that lacks these fields was: the seed's network and lookup, and its codebook.
-SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, "clamp_output": False, **SEED_CODEBOOK}
+SEED_DEFAULTS = {"arch": "seed", "lookup_dim": 0, "clamp_output": False, "air_floor": 0.0, **SEED_CODEBOOK}
 
 
 @dataclass
@@ -61,6 +61,10 @@ class VQVAEConfig:
                                  "metric, so air that settles below -1 reads exactly 0 (only gradients that pull a "
                                  "value back into range pass the clamp); --no-clamp_output: the seed's unclamped "
                                  "output")
+    air_floor: float = setting(0.02, "with clamp_output: output below this fraction of the [0, 1] range reads "
+                               "exactly 0, so the dim noise floor around a masked HipMRI slice's body renders as "
+                               "black air, far below the body mask's threshold; 0: only output below -1 does",
+                               rule="in [0, 0.5)")
 
     def __post_init__(self):
         for name in ("image_size", "channels", "blocks"):  # lists, as checkpoints and JSON hold them
@@ -224,7 +228,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig, noise=False):
         super().__init__()
         L, out_channels = cfg.num_downsampling_layers, cfg.in_channels
-        self.clamp = cfg.clamp_output
+        self.clamp, self.floor = cfg.clamp_output, cfg.air_floor
         self.noise_at, self.noise = [], nn.ModuleList()  # net indices whose input gets noise, and its modules
         if cfg.arch == "resnet":
             ch = cfg.channels
@@ -277,7 +281,7 @@ class Decoder(nn.Module):
             x = self.net[-1](x)  # (B, C, H, W)
             if self.noise_at:
                 x = self.noise[-1](x)
-        return clamp_into_range(x) if self.clamp else x
+        return clamp_into_range(x, self.floor) if self.clamp else x
 
 
 class NoiseInjection(nn.Module):
@@ -301,18 +305,27 @@ class ClampIntoRange(torch.autograd.Function):
     collapses in a flat black area, swings with that sign from step to step. Clamped, air below -1 meets
     its target exactly: no gradient, and it stays exactly 0. A plain clamp also stops the gradient of body
     pixels below -1, and one early step that put the whole output below -1 left the net dead for good
-    (STUDIES.md, section 11); here their gradient passes, as it pushes them up."""
+    (STUDIES.md, section 11); here their gradient passes, as it pushes them up.
+
+    floor (air_floor, a fraction of the [0, 1] range): values below -1 + 2 * floor read -1 as well. A
+    masked slice's air is not all exact zeros but a dim noise floor whose zeros no code can place, so the
+    decoder renders the floor's mean, a little above 0 (STUDIES.md, section 11); below the floor it reads
+    as black air, with the same gradient rule."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, floor=0.0):
+        low = -1 + 2 * floor
         ctx.save_for_backward(x)
-        return x.clamp(-1, 1)
+        ctx.low = low
+        y = x.clamp(-1, 1)
+        return y.masked_fill(x < low, -1) if floor > 0 else y
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        # descent moves x by -grad: below -1 only a negative gradient moves it back up, above 1 a positive one
-        return grad.masked_fill(((x < -1) & (grad > 0)) | ((x > 1) & (grad < 0)), 0)
+        # descent moves x by -grad: below the floor only a negative gradient moves it back up, above 1 a
+        # positive one
+        return grad.masked_fill(((x < ctx.low) & (grad > 0)) | ((x > 1) & (grad < 0)), 0), None
 
 
 clamp_into_range = ClampIntoRange.apply

@@ -162,6 +162,32 @@ def test_clamped_output_keeps_air_exactly_black_and_the_body_alive():
     assert not VQVAEConfig.from_dict(old).clamp_output  # trained unclamped
 
 
+def test_air_floor_renders_the_dim_floor_black_and_keeps_the_body():
+    """air_floor f: with the clamp, output below f of the [0, 1] range reads exactly 0 (the masked noise
+    floor renders as black air), nothing above it changes, and a body pixel that fell below the floor
+    keeps the gradient that pulls it back up; without the clamp the floor does nothing; checkpoints from
+    before the setting had no floor."""
+    from modules import clamp_into_range
+    from utils import to_unit
+    v = torch.tensor([-3.0, -0.995, -0.985, -0.97, 0.5, 3.0], requires_grad=True)  # [0, 1]: <0, .0025, .0075, .015
+    out = clamp_into_range(v, 0.01)
+    assert to_unit(out).tolist()[:4] == [0.0, 0.0, 0.0, to_unit(torch.tensor(-0.97)).item()]
+    assert out.tolist()[4:] == [0.5, 1.0]
+    out.backward(torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, -1.0]))
+    assert v.grad.tolist() == [-1.0, -1.0, 0.0, 1.0, 1.0, 0.0]  # only pushes further into black or past 1 stop
+    x = -torch.ones(1, 1, 32, 16)
+    x[:, :, 8:24, 4:12] = 0.5
+    for clamp, floor_black in ((True, True), (False, False)):
+        model = tiny_model(clamp_output=clamp, air_floor=0.05).eval()
+        with torch.no_grad():
+            model.decoder.net[-1].bias.fill_(-0.95)  # about 0.025 in [0, 1]: under the floor
+            model.decoder.net[-1].weight.mul_(1e-3)
+        y = to_unit(model(x)["x_recon"])
+        assert bool((y == 0).all()) == floor_black
+    old = {k: v for k, v in VQVAEConfig(air_floor=0.02).to_dict().items() if k != "air_floor"}
+    assert VQVAEConfig.from_dict(old).air_floor == 0
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     from files import load_checkpoint, save_checkpoint
     model = tiny_model(ema=True).eval()
