@@ -61,10 +61,10 @@ class VQVAEConfig:
                                  "metric, so air that settles below -1 reads exactly 0 (only gradients that pull a "
                                  "value back into range pass the clamp); --no-clamp_output: the seed's unclamped "
                                  "output")
-    air_floor: float = setting(0.02, "with clamp_output: output below this fraction of the [0, 1] range reads "
-                               "exactly 0, so the dim noise floor around a masked HipMRI slice's body renders as "
-                               "black air, far below the body mask's threshold; 0: only output below -1 does",
-                               rule="in [0, 0.5)")
+    air_floor: float = setting(0.0, "with clamp_output, in evaluation (validation, test, samples): output below "
+                               "this fraction of the [0, 1] range reads exactly 0, so the dim noise floor around a "
+                               "masked HipMRI slice's body renders as black air (0.02 for HipMRI at 8x "
+                               "compression); 0: only output below -1 does", rule="in [0, 0.5)")
 
     def __post_init__(self):
         for name in ("image_size", "channels", "blocks"):  # lists, as checkpoints and JSON hold them
@@ -281,7 +281,9 @@ class Decoder(nn.Module):
             x = self.net[-1](x)  # (B, C, H, W)
             if self.noise_at:
                 x = self.noise[-1](x)
-        return clamp_into_range(x, self.floor) if self.clamp else x
+        # The floor only in evaluation: trained with it, air whose target is the floor's dim mean flips
+        # between 0 and the floor from step to step, as unclamped air did (STUDIES.md, section 14).
+        return clamp_into_range(x, 0.0 if self.training else self.floor) if self.clamp else x
 
 
 class NoiseInjection(nn.Module):
@@ -307,10 +309,10 @@ class ClampIntoRange(torch.autograd.Function):
     pixels below -1, and one early step that put the whole output below -1 left the net dead for good
     (STUDIES.md, section 11); here their gradient passes, as it pushes them up.
 
-    floor (air_floor, a fraction of the [0, 1] range): values below -1 + 2 * floor read -1 as well. A
-    masked slice's air is not all exact zeros but a dim noise floor whose zeros no code can place, so the
-    decoder renders the floor's mean, a little above 0 (STUDIES.md, section 11); below the floor it reads
-    as black air, with the same gradient rule."""
+    floor (air_floor, a fraction of the [0, 1] range; the Decoder passes it in evaluation only): values
+    below -1 + 2 * floor read -1 as well. A masked slice's air is not all exact zeros but a dim noise floor
+    whose zeros no code can place, so the decoder renders the floor's mean, a little above 0 (STUDIES.md,
+    section 11); below the floor it reads as black air."""
 
     @staticmethod
     def forward(ctx, x, floor=0.0):
