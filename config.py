@@ -92,9 +92,17 @@ class PriorTrainConfig:
                               "beside the slices themselves (each map drawn from one of the copies + 1 alike): "
                               "in a copy each slice and its previous slice share one random rotation (up to 5 degrees), "
                               "zoom (up to 0.05), shift (up to 0.03 of the size) and gamma (0.1); 0: none", rule=">= 0")
+    aug_fresh: bool = setting(False, "draw the --prior_aug_copies copies anew at the start of every epoch and "
+                              "re-encode them (on-the-fly augmentation) instead of once for the whole run")
+    ema: float = setting(0.0, "decay of an exponential moving average of the prior's weights, updated after every "
+                         "step; the average is what is validated, sampled and saved as the prior (prior_best.pt "
+                         "chosen by its validation NLL); 0: none, the trained weights themselves", rule="in [0, 1)")
 
     def __post_init__(self):
         check_settings(self)
+        if self.aug_fresh and not self.aug_copies:
+            raise ProjectError("--prior_aug_fresh redraws the --prior_aug_copies copies each epoch; pass "
+                               "--prior_aug_copies 1 or more with it")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Stage 2: the prior over the code maps of a run's frozen best.pt, trained on each slice's codes
-(encoded once; flipped and augmented copies with --prior_aug_*) with its position and previous slice,
-in the run folder: prior_config.json, prior_metrics.csv, prior_best.pt (lowest validation NLL),
+(encoded once; flipped and augmented copies with --prior_aug_*, the copies redrawn every epoch with
+--prior_aug_fresh) with its position and previous slice, optionally as an EMA of its weights, in the
+run folder: prior_config.json, prior_metrics.csv, prior_best.pt (lowest validation NLL),
 prior_last.pt, prior_epoch_NNN_samples.png and prior_nll_per_epoch.png. Started by train.py."""
+import copy
 import math
 import time
 from dataclasses import replace
@@ -35,13 +37,14 @@ def train_prior(run, run_dir, typed=None):
                        "--prior_lr")
 
     # ---- data: every slice encoded once, the prior never sees an image
-    codes, layout, cfg = prior_data(run, frozen)
+    codes, layout, cfg, redraw_copies = prior_data(run, frozen)
     n_train = len(codes["train"])
     val_cond = conditions(codes["validate"], *layout["validate"], cfg)
     config = write_stage_config(run, frozen, "prior_", "prior_config.json", lr_legs=run.legs_of("prior_train"))
 
-    # ---- model
+    # ---- model: with --prior_ema, `shadow` (the average) is validated, sampled and saved as the prior
     prior = build_prior(cfg).to(device)
+    shadow = copy.deepcopy(prior).requires_grad_(False) if args.ema else prior
     log(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, {cfg.arch} over "
         f"{cfg.latent_h}x{cfg.latent_w} = {cfg.latent_h * cfg.latent_w} codes; {n_train} train / "
         f"{len(codes['validate'])} validation code maps; conditioned on {cfg.condition}"
@@ -54,8 +57,8 @@ def train_prior(run, run_dir, typed=None):
     start_epoch, best_val, rows = 1, float("inf"), []
     if frozen.ckpt:
         start_epoch, best_val, history = restore(frozen.ckpt, device, f"the prior from {files.last}",
-                                                 f"delete {run_dir}/prior_*.pt to train a new one",
-                                                 model=prior, optimizer=optimizer)
+                                                 f"delete {run_dir}/prior_*.pt to train a new one", model=shadow,
+                                                 optimizer=optimizer, **({"trained": prior} if args.ema else {}))
         # rows written before the conditioned NLL existed repeat the NLL in its column
         rows = [r if len(r) == len(PRIOR_METRICS) else r[:3] + r[2:] for r in history["rows"]]
         inside = frozen.ckpt.get("partial")
@@ -68,29 +71,31 @@ def train_prior(run, run_dir, typed=None):
         log(line)
 
     # ---- loop: a stop signal ends the step under way, which is saved to resume from (stage.Pause)
-    def checkpoint(partial):
-        return make_checkpoint("prior", prior, config, optimizer, partial["epoch"] - 1, best_val, {"rows": rows},
-                               device, vqvae=frozen.vq_id, partial=partial)
-    pause = Pause(files, checkpoint, run.train.save_every_steps, " the prior")
+    def checkpoint(epoch, **partial):  # the average as "model" (what predict.py loads), the trained weights apart
+        return make_checkpoint("prior", shadow, config, optimizer, epoch, best_val, {"rows": rows}, device,
+                               vqvae=frozen.vq_id, **({"trained": prior.state_dict()} if args.ema else {}), **partial)
+    pause = Pause(files, lambda partial: checkpoint(partial["epoch"] - 1, partial=partial), run.train.save_every_steps,
+                  " the prior")
     with deferred_signals(resume_command(run_dir, run.train.stage)):
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.time()
+            if args.aug_fresh:
+                codes["copies"], codes["copies_previous"] = redraw_copies(epoch)
             train_bits = prior_epoch(prior, optimizer, codes, layout["train"], cfg, run, epoch, legs, device,
-                                     frozen.ckpt, pause)
+                                     frozen.ckpt, pause, shadow)
             files.check_finite([train_bits], "prior training NLL", epoch)
             # Chosen by the unconditional NLL: the samples' (and comparable with unconditional priors).
-            val_bits = prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision)
+            val_bits = prior_nll_bits(shadow, codes["validate"], args.batch_size, device, run.train.precision)
             files.check_finite([val_bits], "prior validation NLL", epoch, validation=True)
-            cond_bits = (prior_nll_bits(prior, codes["validate"], args.batch_size, device, run.train.precision,
+            cond_bits = (prior_nll_bits(shadow, codes["validate"], args.batch_size, device, run.train.precision,
                                         *val_cond) if cfg.condition != "none" else val_bits)
             rows.append([epoch, train_bits, val_bits, cond_bits, time.time() - t0])
-            save_prior_samples(run_dir, prior, frozen.vqvae, epoch, val_bits, run, device)
+            save_prior_samples(run_dir, shadow, frozen.vqvae, epoch, val_bits, run, device)
 
             # ---- save
             improved = val_bits < best_val
             best_val = min(best_val, val_bits)
-            ckpt = make_checkpoint("prior", prior, config, optimizer, epoch, best_val, {"rows": rows}, device,
-                                   vqvae=frozen.vq_id)
+            ckpt = checkpoint(epoch)
             nll = nll_name(cfg.arch)
             files.save(rows, ckpt, improved, f"prior epoch {epoch:3d} | train {nll} {train_bits:.4f} | val {nll} "
                        f"{val_bits:.4f} bits per code"
@@ -110,24 +115,28 @@ def prior_data(run, frozen):
     """The code maps the prior trains and validates on -> (codes {"train", "validate": (N, h, w); with
     --prior_aug_flip "flipped", those of the flipped training slices; with --prior_aug_copies "copies"
     and "copies_previous"} long on the device, {split: (position (N,), previous (N,))} from the file
-    names (dataset.volume_layout), the PriorConfig with the positions seen in training)."""
+    names (dataset.volume_layout), the PriorConfig with the positions seen in training, and
+    redraw_copies(epoch) -> that epoch's copies (augmented_codes) for --prior_aug_fresh)."""
     args, cfg, precision, device = run.prior_train, run.prior, run.train.precision, frozen.device
     sets, images, codes = encoded_splits(frozen, args.batch_size, precision)
     if args.aug_flip:
         codes["flipped"] = encode_split(frozen.vqvae, images["train"].flip(2), device, args.batch_size, precision)
     layout = {split: [t.to(device) for t in volume_layout(s.files)] for split, s in sets.items()}
-    if args.aug_copies:
-        codes["copies"], codes["copies_previous"] = augmented_codes(
-            frozen.vqvae, images["train"], layout["train"][1], args, run.train.seed, device, precision)
+    def redraw_copies(epoch):  # epoch 0: the copies drawn once (without --prior_aug_fresh)
+        return augmented_codes(frozen.vqvae, images["train"], layout["train"][1], args, run.train.seed, device,
+                               precision, first=epoch * args.aug_copies)
+    if args.aug_copies and not args.aug_fresh:
+        codes["copies"], codes["copies_previous"] = redraw_copies(0)
     if cfg.condition != "none":  # positions seen in training; others (and names without one) go unconditioned
         cfg = replace(cfg, num_positions=int(layout["train"][0].max()) + 1)
-    return codes, layout, cfg
+    return codes, layout, cfg, redraw_copies
 
 
-def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, ckpt=None, pause=None):
+def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, ckpt=None, pause=None, shadow=None):
     """One epoch of the prior over the training maps (prior_batch draws each batch), from the step the
     resumed checkpoint `ckpt` stopped at when it stopped inside this epoch -> the training NLL in bits
-    per code, averaged over the epoch's maps. legs: the schedule (stage.lr_at); pause: stage.Pause."""
+    per code, averaged over the epoch's maps. legs: the schedule (stage.lr_at); pause: stage.Pause;
+    shadow: with --prior_ema, the average of prior's weights, moved towards them after every step."""
     args = run.prior_train
     n_train = len(codes["train"])
     batches = epoch_batches(n_train, args.batch_size, run.train.seed, epoch, device)
@@ -150,6 +159,9 @@ def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, 
         loss.backward()
         set_lr(optimizer, (epoch - 1) * len(batches) + step, args, legs)
         optimizer.step()
+        if shadow is not None and shadow is not prior:
+            t = (epoch - 1) * len(batches) + step  # the decay warms up (as timm's ModelEmaV2), so the
+            update_ema(shadow, prior, min(args.ema, (1 + t) / (10 + t)))  # random start fades fast
         total += nll.detach().sum()
         if pause:
             pause.after_step(epoch, step + 1, len(batches), (epoch - 1) * len(batches) + step + 1,
@@ -170,25 +182,35 @@ def save_prior_samples(run_dir, prior, vqvae, epoch, val_bits, run, device):
                     f"{val_bits:.3f} bits per code")
 
 
+@torch.no_grad()
+def update_ema(shadow, model, decay):
+    """shadow's weights <- decay * shadow's + (1 - decay) * model's (Polyak averaging; buffers copied)."""
+    for s, m in zip(shadow.parameters(), model.parameters()):
+        s.lerp_(m, 1 - decay)
+    for s, m in zip(shadow.buffers(), model.buffers()):
+        s.copy_(m)
+
+
 # ----------------------------------------------------------------------------- the training batches
 
 PRIOR_AUG = {"rotate": 5, "scale": 0.05, "shift": 0.03, "gamma": 0.1}  # --prior_aug_copies' ranges: the study's
 
 
 @torch.no_grad()
-def augmented_codes(vqvae, images, previous, args, seed, device, precision):
+def augmented_codes(vqvae, images, previous, args, seed, device, precision, first=0):
     """--prior_aug_copies K copies of the training split's code maps -> (maps (K, N, h, w), the maps of
     their previous slices (K, N, h, w)), long on the device. images: (N, 1, H, W) in [0, 1]; previous:
     (N,) each slice's previous slice's index, -1 for none. A slice and its previous slice go through
     dataset.augment as the two channels of one image, so in each copy they share one transform and
-    stay neighbours; the draws are seeded by (seed, copy, chunk), so a resumed prior sees the same."""
+    stay neighbours; the draws are seeded by (seed, copy first + k, chunk), so a resumed prior sees the
+    same, and other values of `first` draw other copies."""
     maps = []
     chunks = torch.arange(len(images), device=images.device).split(args.batch_size)
     for k in range(args.aug_copies):
         for c, i in enumerate(chunks):
             pair = torch.cat([images[i], images[previous[i].clamp_min(0)]], 1).float() * 2 - 1  # (b, 2, H, W)
             # Negative steps: never a training step's, so these draws are not the VQ-VAE's.
-            pair = (augment(pair, seed, -1 - k * len(chunks) - c, **PRIOR_AUG) + 1) / 2
+            pair = (augment(pair, seed, -1 - (first + k) * len(chunks) - c, **PRIOR_AUG) + 1) / 2
             pair = pair.flatten(0, 1)[:, None]  # (2b, 1, H, W): slice, previous, slice, previous, ...
             maps.append(encode_split(vqvae, pair, device, 2 * args.batch_size, precision).unflatten(0, (-1, 2)))
     maps = torch.cat(maps).unflatten(0, (args.aug_copies, len(images)))  # (K, N, 2, h, w)

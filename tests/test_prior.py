@@ -217,6 +217,9 @@ def test_augmented_copies_transform_a_slice_and_its_previous_slice_alike():
     assert not torch.equal(maps[0], plain) and not torch.equal(maps[0], maps[1])
     again = augmented_codes(vqvae, images, previous, args, 0, torch.device("cpu"), "fp32")
     assert torch.equal(again[0], maps) and torch.equal(again[1], prev)
+    # --prior_aug_fresh: epoch e draws copies e*K .. e*K + K - 1, so copy k of `first` is copy first + k.
+    later, _ = augmented_codes(vqvae, images, previous, args, 0, torch.device("cpu"), "fp32", first=1)
+    assert torch.equal(later[:2], maps[1:]) and not torch.equal(later[2], maps[2])
 
 
 @pytest.mark.parametrize("arch", AR_ARCHS)

@@ -149,12 +149,15 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_prior_resume_continues_the_same_run(resume_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--prior_ema", "0.9", "--prior_aug_copies", "1", "--prior_aug_fresh"]],
+                         ids=["plain", "ema+fresh_augmentation"])
+def test_prior_resume_continues_the_same_run(extra, resume_data, tmp_path):
     """A prior stopped after 2 epochs and resumed to 3 (by plain --resume of the run) ends
     bit-identical to a 3-epoch prior; its flags come from its checkpoint, and a differing one is
-    refused by name."""
+    refused by name. With --prior_ema the average (saved as the model) and the trained weights both
+    resume, and with --prior_aug_fresh each epoch's redrawn copies are the same again."""
     flags = ["--data_dir", resume_data, "--epochs", "1", "--batch_size", "4", "--device", "cpu", *TINY_MODEL,
-             "--prior_batch_size", "4", "--prior_dropout", "0.2"]
+             "--prior_batch_size", "4", "--prior_dropout", "0.2", *extra]
     ref, split = tmp_path / "ref", tmp_path / "split"
     assert run("train.py", *flags, "--prior_epochs", "3", "--out_dir", ref, cwd=tmp_path).returncode == 0
     assert run("train.py", *flags, "--prior_epochs", "2", "--out_dir", split, cwd=tmp_path).returncode == 0
@@ -168,6 +171,9 @@ def test_prior_resume_continues_the_same_run(resume_data, tmp_path):
         assert a["epoch"] == b["epoch"] and a["best_val"] == b["best_val"]
         assert state_equal(a["model"], b["model"])
         assert all(state_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+        assert ("trained" in a) == bool(extra)
+        if extra:  # the average is not the trained weights, and both came back
+            assert state_equal(a["trained"], b["trained"]) and not state_equal(a["model"], a["trained"])
     assert torch.load(split / "prior_last.pt", weights_only=True)["epoch"] == 3
     prior_rows = [r[:-1] for r in csv.reader(open(split / "prior_metrics.csv"))]
     assert prior_rows == [r[:-1] for r in csv.reader(open(ref / "prior_metrics.csv"))] and len(prior_rows) == 4
@@ -274,6 +280,8 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--prior_epochs", "0"], "--prior_epochs must be >= 1"),
     (["--prior_num_heads", "0"], "--prior_num_heads must be >= 1"),
     (["--prior_dropout", "1"], "--prior_dropout in [0, 1)"),
+    (["--prior_ema", "1"], "--prior_ema in [0, 1)"),
+    (["--prior_aug_fresh"], "--prior_aug_copies 1 or more"),
 ])
 def test_bad_flags_leave_no_run_folder(flags, words, tiny_data, tmp_path):
     proc = run("train.py", "--data_dir", tiny_data, *TINY_RUN, *flags, "--out_dir", tmp_path / "run", cwd=tmp_path)
