@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 import phantom
 from files import save_checkpoint
-from utils import ProjectError, to_model
+from utils import ProjectError, one_line, printable, to_model
 
 SPLITS = {"train": "keras_slices_train", "validate": "keras_slices_validate", "test": "keras_slices_test"}
 PHANTOM_DIR = Path(__file__).resolve().parent / "data" / "hipmri_phantom"
@@ -116,7 +116,7 @@ def load_slice(path):
 
 def _unreadable(name, e):
     """The ProjectError for a file that nibabel or gzip failed on with exception `e`."""
-    return ProjectError(f"cannot read {name} as NIfTI ({_one_line(e)}); remove or replace the file")
+    return ProjectError(f"cannot read {name} as NIfTI ({one_line(e)}); remove or replace the file")
 
 
 def _slice_shape(name, shape, dtype, offset, min_offset):
@@ -202,19 +202,7 @@ def _stat(path):
 def shown(path):
     """`path` as one printable line: bytes that are not UTF-8 as \\xNN (caf\\xe9_slice_1.nii.gz) and
     control characters escaped, so a message naming any file stays one line and encodes as UTF-8."""
-    return _printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
-
-
-def _printable(text):
-    """`text` with unprintable characters (newlines, lone surrogates) as Python escapes."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def _one_line(e, limit=200):
-    """An exception as short one-line text: type and message, whitespace folded to single spaces
-    (nibabel's messages hold newlines), unprintable characters escaped, cut at `limit` characters."""
-    text = _printable(" ".join(f"{type(e).__name__}: {e}".split()))
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def stem(path):

@@ -281,9 +281,14 @@ class Decoder(nn.Module):
             x = self.net[-1](x)  # (B, C, H, W)
             if self.noise_at:
                 x = self.noise[-1](x)
-        # The floor only in evaluation: trained with it, air whose target is the floor's dim mean flips
-        # between 0 and the floor from step to step, as unclamped air did (STUDIES.md, section 14).
-        return clamp_into_range(x, 0.0 if self.training else self.floor) if self.clamp else x
+        if not self.clamp:
+            return x
+        x = clamp_into_range(x)
+        # The floor (air_floor) only in evaluation: a masked slice's air is a dim noise floor whose zeros no
+        # code can place, so the decoder renders its mean, a little above 0; below the floor that reads as
+        # black air. Trained with it, air whose target is the floor's mean flips between 0 and the floor
+        # from step to step, as unclamped air did (STUDIES.md, sections 11 and 14).
+        return x.masked_fill(x < -1 + 2 * self.floor, -1) if self.floor and not self.training else x
 
 
 class NoiseInjection(nn.Module):
@@ -307,27 +312,18 @@ class ClampIntoRange(torch.autograd.Function):
     collapses in a flat black area, swings with that sign from step to step. Clamped, air below -1 meets
     its target exactly: no gradient, and it stays exactly 0. A plain clamp also stops the gradient of body
     pixels below -1, and one early step that put the whole output below -1 left the net dead for good
-    (STUDIES.md, section 11); here their gradient passes, as it pushes them up.
-
-    floor (air_floor, a fraction of the [0, 1] range; the Decoder passes it in evaluation only): values
-    below -1 + 2 * floor read -1 as well. A masked slice's air is not all exact zeros but a dim noise floor
-    whose zeros no code can place, so the decoder renders the floor's mean, a little above 0 (STUDIES.md,
-    section 11); below the floor it reads as black air."""
+    (STUDIES.md, section 11); here their gradient passes, as it pushes them up."""
 
     @staticmethod
-    def forward(ctx, x, floor=0.0):
-        low = -1 + 2 * floor
+    def forward(ctx, x):
         ctx.save_for_backward(x)
-        ctx.low = low
-        y = x.clamp(-1, 1)
-        return y.masked_fill(x < low, -1) if floor > 0 else y
+        return x.clamp(-1, 1)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        # descent moves x by -grad: below the floor only a negative gradient moves it back up, above 1 a
-        # positive one
-        return grad.masked_fill(((x < ctx.low) & (grad > 0)) | ((x > 1) & (grad < 0)), 0), None
+        # descent moves x by -grad: below -1 only a negative gradient moves it back up, above 1 a positive one
+        return grad.masked_fill(((x < -1) & (grad > 0)) | ((x > 1) & (grad < 0)), 0)
 
 
 clamp_into_range = ClampIntoRange.apply

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from dataset import _printable, recorded_data_dir
+from dataset import recorded_data_dir
 from files import fingerprint, latest_checkpoint, load_checkpoint
 from metrics import check_image_size
 from modules import VQVAE, Decoder, VQVAEConfig
 from prior import PriorConfig, build_prior
-from utils import ProjectError, configure_backends
+from utils import ProjectError, configure_backends, one_line
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _rebuild(make, config_of, ckpt, path, device):
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in make(cfg).state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ProjectError(f"{path} has model_args this version cannot build ({_printable(' '.join(str(e).split()))[:200]}); "
+        raise ProjectError(f"{path} has model_args this version cannot build ({one_line(e)}); "
                            f"it is not a {ckpt.get('kind', 'vqvae')} checkpoint of this project") from None
     weights = ckpt["model"]
     differ = sorted(k for k in shapes.keys() | weights.keys()

@@ -1,6 +1,7 @@
-"""The runtime every script shares: the project error and its one-line exit (and a stop's, stopping.py), the
-one device picker with its backends and precision, seeding and the generator states a resumed run
-restores, and the model's value range. Files are in files.py, metrics in metrics.py, figures in figures.py."""
+"""The runtime every script shares: the project error, its one-line message and exit (and a stop's,
+stopping.py), the one device picker with its backends and precision, seeding and the generator states a
+resumed run restores, and the model's value range. Files are in files.py, metrics in metrics.py, figures
+in figures.py."""
 import os
 import random
 import sys
@@ -13,6 +14,18 @@ from stopping import Stopped, catch_signals, finished
 
 class ProjectError(Exception):
     """Bad input or environment: a script prints the message as one line and exits with code 2."""
+
+
+def printable(text):
+    """`text` with unprintable characters (newlines, lone surrogates) as Python escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def one_line(e, limit=200):
+    """An exception as short one-line text for a ProjectError: type and message, whitespace folded to
+    single spaces (nibabel's messages hold newlines), unprintable characters escaped, cut at `limit`."""
+    text = printable(" ".join(f"{type(e).__name__}: {e}".split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def run_main(main, args):
