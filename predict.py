@@ -27,7 +27,7 @@ from pathlib import Path
 import stopping
 
 if __name__ == "__main__":  # before torch loads (seconds), so that a stop then is one line too
-    stopping.catch_signals()
+    stopping.catch_signals(importing=True)
 
 import nibabel as nib  # noqa: E402
 import numpy as np

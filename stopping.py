@@ -4,12 +4,13 @@ spot instances send SIGTERM long before they kill a job; Ctrl-C is SIGINT; SIGUS
 one line, exit code 128 + the signal's number. Inside one (deferred_signals) it waits for the end of
 the step, which the stage saves (stage.Pause) before it stops with Stopped. No torch here: the scripts
 catch the signals before they import it."""
+import os
 import signal
 import sys
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-_stop = {"signum": None, "deferred": False, "resume": None}
+_stop = {"signum": None, "deferred": False, "resume": None, "importing": False}
 
 
 class Stopped(Exception):
@@ -28,8 +29,12 @@ def finished():
         signal.signal(s, signal.SIG_IGN)
 
 
-def catch_signals():
-    """Route the stop signals to _on_signal (from the main thread; a no-op elsewhere)."""
+def catch_signals(importing=False):
+    """Route the stop signals to _on_signal (from the main thread; a no-op elsewhere). importing: the
+    script is still importing its libraries, where no exception may be raised at a random point (numpy's
+    lazy attributes then recurse without end, torch's C++ init aborts): a stop ends the process at once,
+    which loses nothing, as nothing is written yet. run_main calls it again without, once they are in."""
+    _stop["importing"] = importing
     try:
         for s in STOP_SIGNALS:
             signal.signal(s, _on_signal)
@@ -41,8 +46,10 @@ def _on_signal(signum, frame):
     if _stop["signum"] is not None:
         return  # already stopping (a second Ctrl-C, or torchrun passing the signal on): the save goes on
     _stop["signum"] = signum
-    if not _stop["deferred"]:  # SystemExit: also while the script still imports its libraries
-        print(stop_message(signum), file=sys.stderr)
+    if not _stop["deferred"]:
+        print(stop_message(signum), file=sys.stderr, flush=True)
+        if _stop["importing"]:
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)
 
 

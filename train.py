@@ -32,7 +32,7 @@ from pathlib import Path
 import stopping
 
 if __name__ == "__main__":  # before torch loads (seconds), so that a stop then is one line too
-    stopping.catch_signals()
+    stopping.catch_signals(importing=True)
 
 import torch  # noqa: E402
 import torch.distributed as dist

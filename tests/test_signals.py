@@ -84,6 +84,20 @@ def test_a_signal_saves_the_step_and_resume_is_exact(reference, tiny_data, tmp_p
     same_run(reference, run_dir)
 
 
+@pytest.mark.parametrize("script", ["train.py", "predict.py"])
+@pytest.mark.parametrize("module", ["numpy.linalg", "torch.nn"])
+def test_a_signal_while_the_libraries_import_is_one_line(tmp_path, script, module):
+    """A stop while the script still imports its libraries (numpy.linalg: an exception raised there
+    recursed without end in numpy's lazy attributes and printed a RecursionError traceback): the stop's
+    one line and 128 + the signal, nothing else."""
+    env = {**os.environ, "PYTHONPATH": INJECT, "VQVAE_INJECT": f"signal_at_import={module}:INT"}
+    proc = subprocess.run([sys.executable, str(ROOT / script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert proc.stderr.splitlines() == ["stopped by SIGINT; nothing was saved to resume from; start again"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_save_every_steps_survives_a_kill(reference, tiny_data, tmp_path):
     """--save_every_steps 3: a SIGKILL at step 4 (no chance to save) leaves last.pt at step 3, from which
     the run ends as the uninterrupted one."""

@@ -7,12 +7,26 @@ Put this folder on PYTHONPATH and set VQVAE_INJECT:
   signal_at_step=N:SIG  right after the N-th optimizer step (Adam or AdamW; the adversarial decoder's
                    two optimizers step twice per training step) the process sends itself signal SIG
                    (TERM, INT, USR1 or KILL), as SLURM, Kubernetes or Ctrl-C would;
-                   signal_at_step=N:SIG:R the same in torchrun's rank R only.
+                   signal_at_step=N:SIG:R the same in torchrun's rank R only;
+  signal_at_import=MODULE:SIG  the process sends itself signal SIG when MODULE starts to import (before
+                   the script has all its libraries, as a Ctrl-C right after the start does).
 """
 import os
 
 _spec = os.environ.get("VQVAE_INJECT")
-if _spec:
+if _spec and _spec.startswith("signal_at_import="):  # before torch: the point is to stop inside its import
+    import signal
+    import sys
+
+    _module, _sig = _spec.split("=")[1].split(":")
+
+    class _SignalAtImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == _module:
+                os.kill(os.getpid(), getattr(signal, f"SIG{_sig}"))
+            return None  # the import itself goes on through the usual finders
+    sys.meta_path.insert(0, _SignalAtImport())
+elif _spec:
     import errno
 
     import torch
