@@ -71,18 +71,18 @@ def train_prior(run, run_dir, typed=None):
         log(line)
 
     # ---- loop: a stop signal ends the step under way, which is saved to resume from (stage.Pause)
-    def checkpoint(epoch, **partial):  # the average as "model" (what predict.py loads), the trained weights apart
+    def checkpoint(epoch, partial=None):  # the average as "model" (what predict.py loads), the trained weights apart
         return make_checkpoint("prior", shadow, config, optimizer, epoch, best_val, {"rows": rows}, device,
-                               vqvae=frozen.vq_id, **({"trained": prior.state_dict()} if args.ema else {}), **partial)
-    pause = Pause(files, lambda partial: checkpoint(partial["epoch"] - 1, partial=partial), run.train.save_every_steps,
-                  " the prior")
+                               vqvae=frozen.vq_id, **({"trained": prior.state_dict()} if args.ema else {}),
+                               **({"partial": partial} if partial else {}))
+    pause = Pause(files, checkpoint, run.train.save_every_steps, " the prior")
     with deferred_signals(resume_command(run_dir, run.train.stage)):
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.time()
             if args.aug_fresh:
                 codes["copies"], codes["copies_previous"] = redraw_copies(epoch)
             train_bits = prior_epoch(prior, optimizer, codes, layout["train"], cfg, run, epoch, legs, device,
-                                     frozen.ckpt, pause, shadow)
+                                     frozen.ckpt, pause, shadow if args.ema else None)
             files.check_finite([train_bits], "prior training NLL", epoch)
             # Chosen by the unconditional NLL: the samples' (and comparable with unconditional priors).
             val_bits = prior_nll_bits(shadow, codes["validate"], args.batch_size, device, run.train.precision)
@@ -159,7 +159,7 @@ def prior_epoch(prior, optimizer, codes, layout, cfg, run, epoch, legs, device, 
         loss.backward()
         set_lr(optimizer, (epoch - 1) * len(batches) + step, args, legs)
         optimizer.step()
-        if shadow is not None and shadow is not prior:
+        if shadow is not None:
             t = (epoch - 1) * len(batches) + step  # the decay warms up (as timm's ModelEmaV2), so the
             update_ema(shadow, prior, min(args.ema, (1 + t) / (10 + t)))  # random start fades fast
         total += nll.detach().sum()
@@ -184,11 +184,9 @@ def save_prior_samples(run_dir, prior, vqvae, epoch, val_bits, run, device):
 
 @torch.no_grad()
 def update_ema(shadow, model, decay):
-    """shadow's weights <- decay * shadow's + (1 - decay) * model's (Polyak averaging; buffers copied)."""
-    for s, m in zip(shadow.parameters(), model.parameters()):
-        s.lerp_(m, 1 - decay)
-    for s, m in zip(shadow.buffers(), model.buffers()):
-        s.copy_(m)
+    """shadow's weights <- decay * shadow's + (1 - decay) * model's (Polyak averaging; the priors have
+    no buffers)."""
+    torch._foreach_lerp_(list(shadow.parameters()), list(model.parameters()), 1 - decay)
 
 
 # ----------------------------------------------------------------------------- the training batches

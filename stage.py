@@ -316,9 +316,9 @@ class Pause:
     """The moments between two training steps at which a stage saves where it is inside an epoch: every
     --save_every_steps steps (`every`; 0: never) and, once a stop signal came (stopping.deferred_signals),
     at the end of the step under way, after which the stage stops (Stopped: one line, 128 + the
-    signal). What is saved is the stage's last checkpoint, made by checkpoint(partial), whose "partial"
-    entry is partial = {"epoch", "step": steps done in it, the epoch's batch "order", and what the stage
-    adds: its sums so far, its generators}; its "epoch" stays the last finished one. Under torchrun the
+    signal). What is saved is the stage's last checkpoint, made by checkpoint(epoch - 1, partial): its
+    "epoch" stays the last finished one, and its "partial" entry is partial = {"epoch", "step": steps done
+    in it, the epoch's batch "order", and what the stage adds: its sums so far, its generators}. Under torchrun the
     ranks agree on the signal at every step (over `group`), so all stop at the same one; rank 0 saves.
     `what`: the stage as the stop's line names it (" the prior"; stage 1: "")."""
 
@@ -339,7 +339,7 @@ class Pause:
             return
         partial = {"epoch": epoch, "step": done, **state()}
         if self.main_rank:
-            save_checkpoint(self.files.last, self.checkpoint(partial))
+            save_checkpoint(self.files.last, self.checkpoint(epoch - 1, partial))
         if signum:
             if self.world_size > 1:  # no rank ends before rank 0 has saved: torchrun stops the rest at the first exit
                 dist.barrier(group=self.group)

@@ -156,11 +156,11 @@ def train_vqvae(run, ckpt=None, rank=0, world_size=1):
     batch_losses = history["batch_losses"]
     writer = Writer(background=device.type == "cuda")  # inline on the CPU: nothing to overlap with
 
-    def checkpoint(partial):  # last.pt inside an epoch: after the epoch files still being written
+    def checkpoint(epoch, partial):  # last.pt inside an epoch: after the epoch files still being written
         failure = writer.failure(wait=True)
         if failure:
             raise failure
-        return make_checkpoint("vqvae", model, config, optimizer, partial["epoch"] - 1, best_val,
+        return make_checkpoint("vqvae", model, config, optimizer, epoch, best_val,
                                {"rows": rows, "batch_losses": batch_losses}, device, partial=partial)
     pause = Pause(files, checkpoint, args.save_every_steps, "", main_rank, world_size, STOP_GROUP.get("group"))
     with deferred_signals(resume_command(files.run_dir, args.stage, world_size)):

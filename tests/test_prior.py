@@ -353,3 +353,16 @@ def test_token_noise_replaces_inputs_never_targets(arch):
         inputs = replace_codes(small, 0.3, 16, torch.Generator().manual_seed(2))
         ce = torch.nn.functional.cross_entropy(prior(inputs).transpose(1, 2), small.flatten(1), reduction="none")
         assert torch.allclose(a, ce.mean(1)) and not torch.allclose(a, prior.nll(small))
+
+
+@pytest.mark.parametrize("arch", PRIOR_ARCHS)
+def test_the_weight_average_moves_every_weight_by_its_decay(arch):
+    """update_ema (--prior_ema): each shadow weight becomes decay * its own + (1 - decay) * the model's;
+    the priors hold no buffers, which it would have to copy."""
+    from prior_stage import update_ema
+    shadow, model = tiny_prior(arch=arch), build_prior(PriorConfig(**{**TINY_PRIOR, "arch": arch}))  # other weights
+    assert not list(shadow.buffers())
+    before = [p.clone() for p in shadow.parameters()]
+    update_ema(shadow, model, 0.9)
+    for b, s, m in zip(before, shadow.parameters(), model.parameters()):
+        torch.testing.assert_close(s, 0.9 * b + 0.1 * m)
