@@ -172,7 +172,7 @@ def log_reference(evaluate_on, vqvae, codes, images, fixed, vq_path, log):
     """Log best.pt's own decoder's validation figures on the frozen codes (N, h, w) of the validation
     images (N, 1, H, W) in [0, 1] -> its results on the comparison slices `fixed` (keep=True)."""
     ref = evaluate_on(vqvae.decoder, codes, images)
-    log(f"MSE decoder ({vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
+    log(f"VQ-VAE's decoder ({vq_path.name}): val MSE {ref['recon_loss']:.4f} SSIM {ref['ssim'].mean():.4f} "
         f"(body {ref['body_ssim'].nanmean():.4f}) PSNR {ref['psnr'].mean():.2f}")
     return evaluate_on(vqvae.decoder, codes[fixed], images[fixed], keep=True)
 
@@ -260,10 +260,10 @@ def hinge_d_loss(logits_real, logits_fake):
 
 
 def save_gan_comparison(path, epoch, real, ref, res):
-    """One row per validation slice: the slice | best.pt's MSE decoder | the adversarial decoder, from
+    """One row per validation slice: the slice | best.pt's own decoder | the adversarial decoder, from
     real (N, 1, H, W) in [0, 1] and evaluate_decoder's results (keep=True) of the two decoders."""
     grid = torch.stack([real, ref["recons"], res["recons"]], dim=1).flatten(0, 1)  # (3N, 1, H, W), row by row
-    save_image_grid(path, grid, f"adversarial decoder, epoch {epoch}: validation slice | MSE decoder (best.pt, "
+    save_image_grid(path, grid, f"adversarial decoder, epoch {epoch}: validation slice | VQ-VAE's decoder (best.pt, "
                     f"SSIM {ref['ssim'].mean():.3f}) | adversarial decoder (SSIM {res['ssim'].mean():.3f})",
                     ncols=3, row_labels=[f"SSIM {a:.3f} | {b:.3f}" for a, b in zip(ref["ssim"], res["ssim"])])
 

@@ -229,7 +229,7 @@ class Decoder(nn.Module):
         super().__init__()
         L, out_channels = cfg.num_downsampling_layers, cfg.in_channels
         self.clamp, self.floor = cfg.clamp_output, cfg.air_floor
-        self.noise_at, self.noise = [], nn.ModuleList()  # net indices whose input gets noise, and its modules
+        self.noise_at, self.noise = {}, nn.ModuleList()  # net index whose input gets noise -> its module's index
         if cfg.arch == "resnet":
             ch = cfg.channels
             self.conv = nn.Conv2d(cfg.embedding_dim, ch[-1], 3, padding=1)
@@ -263,21 +263,21 @@ class Decoder(nn.Module):
 
     def _add_noise(self, at, channels, out_channels):
         """Noise on the inputs of net[i] for i in `at` (of `channels` channels each) and on the output."""
-        self.noise_at = list(at)
+        self.noise_at = {i: k for k, i in enumerate(at)}
         self.noise = nn.ModuleList([NoiseInjection(c) for c in [*channels, out_channels]])
 
     def forward(self, z):
         x = self.residual_stack(self.conv(z))  # (B, c, h, w)
         for i, layer in enumerate(self.net[:-1]):
             if i in self.noise_at:
-                x = self.noise[self.noise_at.index(i)](x)
+                x = self.noise[self.noise_at[i]](x)
             x = layer(x)  # ends (B, c, H, W) or (B, c, H / 2, W / 2) (seed)
         # The last layer in fp32 even under bf16 autocast, so the reconstruction that the loss, SSIM
         # and the figures see is not rounded to bf16's 8-bit mantissa (one output channel: cheap).
         with torch.autocast(z.device.type, enabled=False):
             x = x.float()
             if len(self.net) - 1 in self.noise_at:
-                x = self.noise[self.noise_at.index(len(self.net) - 1)](x)
+                x = self.noise[self.noise_at[len(self.net) - 1]](x)
             x = self.net[-1](x)  # (B, C, H, W)
             if self.noise_at:
                 x = self.noise[-1](x)
