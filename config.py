@@ -72,7 +72,8 @@ class TrainConfig:
 class PriorTrainConfig:
     """How the prior is trained (each field is a flag prior_<field>)."""
     epochs: int = setting(18, "passes over the training codes", rule=">= 1")
-    batch_size: int = setting(32, "code maps per AdamW step", rule=">= 1")
+    batch_size: int = setting(8, "code maps per AdamW step; 8 samples better than 32 at about the same time "
+                              "per epoch on the phantom (STUDIES.md 16)", rule=">= 1")
     lr: float = setting(2e-3, "AdamW learning rate of the prior", rule="> 0")
     lr_schedule: str = setting("constant", "the prior's own: constant, or linear warm-up then cosine decay to 0 "
                                "at the last step of --prior_epochs", choices=("constant", "cosine"))
