@@ -317,9 +317,10 @@ class Pause:
     --save_every_steps steps (`every`; 0: never) and, once a stop signal came (stopping.deferred_signals),
     at the end of the step under way, after which the stage stops (Stopped: one line, 128 + the
     signal). What is saved is the stage's last checkpoint, made by checkpoint(epoch - 1, partial): its
-    "epoch" stays the last finished one, and its "partial" entry is partial = {"epoch", "step": steps done
-    in it, the epoch's batch "order", and what the stage adds: its sums so far, its generators}. Under torchrun the
-    ranks agree on the signal at every step (over `group`), so all stop at the same one; rank 0 saves.
+    "epoch" stays the last finished one, and its "partial" entry is partial = {"epoch", "step": steps
+    done in it, the epoch's batch "order", and what the stage adds: its sums so far, its generators}.
+    Under torchrun the ranks agree on the signal at every step (over `group`), so all stop at the same
+    one; rank 0 saves.
     `what`: the stage as the stop's line names it (" the prior"; stage 1: "")."""
 
     def __init__(self, files, checkpoint, every, what="", main_rank=True, world_size=1, group=None):
