@@ -95,10 +95,12 @@ def make_checkpoint(kind, model, config, optimizer=None, epoch=0, best_val=float
     optimizer, epoch and best_val (the lowest validation loss so far); rng, the generator states that
     decide the rest of the run; history (the metrics rows so far); and for a prior or a decoder_gan,
     vqvae, the fingerprint of the VQ-VAE whose codes it learned (a decoder_gan also holds its
-    discriminator's weights, disc, and optimizer, disc_optimizer)."""
+    discriminator's weights, disc, and optimizer, disc_optimizer). An extra given as None is left out,
+    so a stage passes its optional entries (a stop's "partial") as they are."""
     return {"kind": kind, "model": model.state_dict(), "model_args": model_args or model.cfg.to_dict(),
             "config": config, "optimizer": optimizer.state_dict() if optimizer else {}, "epoch": epoch,
-            "best_val": best_val, "rng": rng_state(device or torch.device("cpu")), "history": history or {}, **extra}
+            "best_val": best_val, "rng": rng_state(device or torch.device("cpu")), "history": history or {},
+            **{k: v for k, v in extra.items() if v is not None}}
 
 
 def save_checkpoint(path, ckpt):

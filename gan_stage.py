@@ -142,7 +142,7 @@ def train_gan(run, run_dir, typed=None):
     def checkpoint(epoch, inside=None):
         return make_checkpoint("decoder_gan", decoder, config, opt_g, epoch, history={"rows": rows}, device=device,
                                model_args=vqvae.cfg.to_dict(), vqvae=frozen.vq_id, disc=disc.state_dict(),
-                               disc_optimizer=opt_d.state_dict(), **({"partial": inside} if inside else {}))
+                               disc_optimizer=opt_d.state_dict(), partial=inside)
     pause = Pause(files, checkpoint, run.train.save_every_steps, " the adversarial decoder")
     ckpt = frozen.ckpt  # a decoder resumed at its last epoch is saved as it is
     with deferred_signals(resume_command(run_dir, run.train.stage)):

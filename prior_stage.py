@@ -73,8 +73,7 @@ def train_prior(run, run_dir, typed=None):
     # ---- loop: a stop signal ends the step under way, which is saved to resume from (stage.Pause)
     def checkpoint(epoch, partial=None):  # the average as "model" (what predict.py loads), the trained weights apart
         return make_checkpoint("prior", shadow, config, optimizer, epoch, best_val, {"rows": rows}, device,
-                               vqvae=frozen.vq_id, **({"trained": prior.state_dict()} if args.ema else {}),
-                               **({"partial": partial} if partial else {}))
+                               vqvae=frozen.vq_id, trained=prior.state_dict() if args.ema else None, partial=partial)
     pause = Pause(files, checkpoint, run.train.save_every_steps, " the prior")
     with deferred_signals(resume_command(run_dir, run.train.stage)):
         for epoch in range(start_epoch, args.epochs + 1):
