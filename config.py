@@ -259,7 +259,7 @@ def resume_stage(run, ckpt, path, typed, section, what, new, model_flags=None):
 def resume_prior(run, ckpt, path, typed):
     """The run with the settings of the prior under way in `path` (its model_args rule its model)."""
     return resume_stage(run, ckpt, path, typed, "prior_", "the prior", "prior_*.pt",
-                        flags_of(PriorConfig.from_dict(ckpt["model_args"]), "prior_"))
+                        flags_of(PriorConfig.from_dict(ckpt["model_args"], path), "prior_"))
 
 
 def resume_gan(run, ckpt, path, typed):

@@ -138,7 +138,7 @@ def find_prior(args, run):
         if not fits(prior_ckpt, run.ckpt):
             print(f"no samples: {prior_path} learned the codes of the run's best.pt, not of {run.path.name}")
             return None
-    check_condition(PriorConfig.from_dict(prior_ckpt["model_args"]), args, prior_path)
+    check_condition(PriorConfig.from_dict(prior_ckpt["model_args"], prior_path), args, prior_path)
     return prior_ckpt, prior_path
 
 

@@ -1,6 +1,6 @@
 """The prior over a VQ-VAE's code maps: its config, the conditioning on the slice's position and the
-previous slice, the autoregressive priors (a causal transformer and the paper's gated PixelCNN), the
-masked-token prior (MaskGIT's bidirectional transformer) and their sampling.
+previous slice, the autoregressive prior (a causal transformer), the masked-token prior (MaskGIT's
+bidirectional transformer) and their sampling.
 
 Pure tensor code: no argparse, no file I/O.
 """
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from modules import VQVAEConfig
 from settings import check_settings, setting
+from utils import ProjectError
 
-PRIOR_ARCHS = ("transformer", "pixelcnn", "masked")
+PRIOR_ARCHS = ("transformer", "masked")
 PRIOR_CONDITIONS = ("none", "position", "position+previous")
 
 
@@ -25,14 +26,13 @@ class PriorConfig:
     num_embeddings: int = field(metadata={"rule": ">= 1"})  # the VQ-VAE's codes; token K is the start token
     latent_h: int = field(metadata={"rule": ">= 1"})  # code-map rows (image height / 2**num_downsampling_layers)
     latent_w: int = field(metadata={"rule": ">= 1"})  # code-map columns
-    arch: str = setting("transformer", "causal transformer (sampling code by code with a key/value cache), the "
-                        "paper's gated PixelCNN, or a masked-token transformer (MaskGIT: all codes at once, in "
-                        "predict.py --sample_steps steps)", choices=PRIOR_ARCHS)
-    num_layers: int = setting(4, "transformer blocks or PixelCNN layers", rule="in [1, 256]")
+    arch: str = setting("transformer", "causal transformer (sampling code by code with a key/value cache), or a "
+                        "masked-token transformer (MaskGIT: all codes at once, in predict.py --sample_steps "
+                        "steps)", choices=PRIOR_ARCHS)
+    num_layers: int = setting(4, "transformer blocks", rule="in [1, 256]")
     num_heads: int = setting(4, "attention heads per block (transformer, masked)", rule=">= 1")
     hidden_dim: int = setting(128, "width of the prior", rule=">= 1")
     dropout: float = setting(0.1, "dropout on embeddings and MLPs", rule="in [0, 1)")
-    kernel_size: int = setting(5, "masked convolution width (pixelcnn)", rule=">= 1")
     condition: str = setting("position+previous", "what a code map may be generated given: its slice's position "
                              "in the volume, and the previous slice's code map (for whole volumes); each may be left "
                              "out at sampling time", choices=PRIOR_CONDITIONS)
@@ -42,15 +42,19 @@ class PriorConfig:
 
     def __post_init__(self):
         check_settings(self)
-        if self.arch in ("transformer", "masked") and self.hidden_dim % self.num_heads:
+        if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of num_heads {self.num_heads}")
-        if self.arch == "pixelcnn" and self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (centred on the current column), got {self.kernel_size}")
 
     @classmethod
-    def from_dict(cls, args):
+    def from_dict(cls, args, source="this prior"):
         """A checkpoint's model_args -> PriorConfig; priors saved before conditioning existed were
-        unconditional."""
+        unconditional. source: the checkpoint, named in the error for a prior this version lacks."""
+        if args.get("arch") == "pixelcnn":
+            raise ProjectError(f"{source} is a gated PixelCNN (--prior_arch pixelcnn), which this version no longer "
+                               "has (it lost to the transformer on unseen patients: STUDIES.md 18); delete the run's "
+                               "prior_*.pt and train a prior again: python train.py --stage prior --resume RUN_DIR")
+        # kernel_size was the PixelCNN's setting; every prior saved before the PixelCNN went carries it
+        args = {k: v for k, v in args.items() if k != "kernel_size"}
         return cls(**{"condition": "none", **args})
 
     @classmethod
@@ -196,8 +200,9 @@ def conditions(codes, position, previous, cfg):
 class AutoregressivePrior(nn.Module):
     """p(z | c) = prod_i p(z_i | z_<i, c) over a VQ-VAE's code maps in raster order (row by row, left
     to right), where the condition c (Condition) is the slice's position and the previous slice's
-    code map, each optional. Subclasses map indices (B, h, w) to logits (B, h*w, K) in which position
-    i sees codes < i (and all of c)."""
+    code map, each optional. A subclass maps indices (B, h, w) to logits (B, h*w, K) in which position
+    i sees codes < i (and all of c), and draws maps in _sample_codes(n, draw(logits (n, K)) -> (n, 1),
+    position, previous) -> (n, h*w)."""
 
     def nll(self, indices, position=None, previous=None, generator=None, noise=0.0):
         """indices: (B, h, w) -> (B,) negative log-likelihood per code map, in nats per code; with noise
@@ -236,72 +241,6 @@ class AutoregressivePrior(nn.Module):
         codes = self._sample_codes(m, draw, position, previous)[:n]
         self.train(was_training)
         return codes.view(n, self.cfg.latent_h, self.cfg.latent_w)
-
-    def _sample_codes(self, n, draw, position, previous):
-        """(n, h*w) codes, each drawn by draw(logits (n, K)) -> (n, 1). This generic version reruns the
-        whole map per code (h*w passes); the transformer overrides it with a cache."""
-        h, w = self.cfg.latent_h, self.cfg.latent_w
-        codes = torch.zeros(n, h * w, dtype=torch.long, device=next(self.parameters()).device)
-        for i in range(h * w):
-            codes[:, i] = draw(self(codes.view(n, h, w), position, previous)[:, i])[:, 0]
-        return codes
-
-
-class GatedMaskedLayer(nn.Module):
-    """One layer of the gated PixelCNN (van den Oord et al. 2016): a vertical stack that sees the rows
-    above, a horizontal stack that sees the current row to the left and the vertical stack, each
-    gated as tanh(a) * sigmoid(b), with residual connections. Causality comes from padding only on
-    the top, left and right (vertical: never the bottom) and on the left (horizontal) of kernels
-    that end at the current row or column."""
-
-    def __init__(self, dim, kernel_size):
-        super().__init__()
-        self.p = kernel_size // 2
-        self.v_conv = nn.Conv2d(dim, 2 * dim, (self.p + 1, kernel_size))  # rows r-p..r, cols c-p..c+p
-        self.v_to_h = nn.Conv2d(2 * dim, 2 * dim, 1)
-        self.h_conv = nn.Conv2d(dim, 2 * dim, (1, self.p + 1))  # cols c-p..c of row r
-        self.h_out = nn.Conv2d(dim, dim, 1)
-
-    @staticmethod
-    def gate(x):
-        a, b = x.chunk(2, dim=1)
-        return torch.tanh(a) * torch.sigmoid(b)
-
-    def forward(self, v, h):
-        p = self.p
-        v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))  # (B, 2C, h, w)
-        h_feat = self.h_conv(F.pad(h, (p, 0, 0, 0))) + self.v_to_h(v_feat)
-        return v + self.gate(v_feat), h + self.h_out(self.gate(h_feat))
-
-
-class GatedPixelCNN(AutoregressivePrior):
-    """The VQ-VAE paper's prior: a gated PixelCNN over the code map. The inputs are shifted once, the
-    vertical stack's down by a row and the horizontal stack's right by a column, so every later layer
-    may include its own position and the logits at (r, c) see exactly the codes before it in raster
-    order (rows above within the receptive field, and the current row to the left)."""
-
-    def __init__(self, cfg: PriorConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.num_embeddings, cfg.hidden_dim)
-        self.layers = nn.ModuleList([GatedMaskedLayer(cfg.hidden_dim, cfg.kernel_size)
-                                     for _ in range(cfg.num_layers)])
-        self.drop = nn.Dropout(cfg.dropout)
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden_dim, cfg.hidden_dim, 1), nn.ReLU(),
-                                  nn.Conv2d(cfg.hidden_dim, cfg.num_embeddings, 1))
-        self.cond = Condition(cfg)
-
-    def forward(self, indices, position=None, previous=None):
-        """indices: (B, h, w) -> logits (B, h*w, K); logits[:, i] scores code i given codes < i and the
-        condition (position (B,), previous (B, h, w); None: left out)."""
-        x = self.embed(indices).permute(0, 3, 1, 2)  # (B, C, h, w)
-        c = self.cond(len(indices), position, previous)  # (B, C, h, w): the condition is not shifted
-        v = F.pad(x, (0, 0, 1, 0))[:, :, :-1] + c  # row r holds row r-1: the rows above only
-        h = F.pad(x, (1, 0, 0, 0))[:, :, :, :-1] + c  # column c holds column c-1: the left only
-        for layer in self.layers:
-            v, h = layer(v, h)
-        logits = self.head(self.drop(h))  # (B, K, h, w)
-        return logits.flatten(2).transpose(1, 2)  # (B, h*w, K)
 
 
 class CodePrior(AutoregressivePrior):
@@ -490,7 +429,7 @@ class MaskedPrior(nn.Module):
 
 
 # --prior_arch -> the prior's class (a new prior: its class, its name here and in PRIOR_ARCHS)
-PRIORS = {"transformer": CodePrior, "pixelcnn": GatedPixelCNN, "masked": MaskedPrior}
+PRIORS = {"transformer": CodePrior, "masked": MaskedPrior}
 assert tuple(PRIORS) == PRIOR_ARCHS
 
 

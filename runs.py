@@ -82,6 +82,8 @@ def _rebuild(make, config_of, ckpt, path, device):
         cfg = config_of(ckpt["model_args"])
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in make(cfg).state_dict().items()}
+    except ProjectError as e:  # model_args of a model this version has dropped: the config says which
+        raise ProjectError(f"{path}: {e}") from None
     except (TypeError, ValueError, RuntimeError) as e:
         raise ProjectError(f"{path} has model_args this version cannot build ({one_line(e)}); "
                            f"it is not a {ckpt.get('kind', 'vqvae')} checkpoint of this project") from None

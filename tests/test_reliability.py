@@ -276,7 +276,6 @@ def test_empty_split_and_unwritable_out_dir(tiny_data, tmp_path):
     (["--restart_after", "-1"], "--restart_after must be >= 0"),
     # Prior flags are checked before the VQ-VAE stage starts, not after it has run.
     (["--prior_num_heads", "3"], "multiple of num_heads"),
-    (["--prior_arch", "pixelcnn", "--prior_kernel_size", "4"], "must be odd"),
     (["--prior_epochs", "0"], "--prior_epochs must be >= 1"),
     (["--prior_num_heads", "0"], "--prior_num_heads must be >= 1"),
     (["--prior_dropout", "1"], "--prior_dropout in [0, 1)"),
