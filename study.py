@@ -29,12 +29,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import predict
 import train
 from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir, slice_position
 from figures import save_curves, save_image_grid
+from gan_stage import PatchDiscriminator, hinge_d_loss
 from files import load_checkpoint, save_checkpoint, write_csv, write_json, write_nifti_gz
 from metrics import against_test, air_summary, blur_ssim_curve, evaluate, evaluate_decoder
 from modules import VQVAE
@@ -279,6 +282,109 @@ def realism_line(run_dir, r):
     blur = " / ".join(f"{r[k]['blur_ssim_1']:.3f}" if k in r else "-" for k in ("test", "recon_l1", "recon_texture"))
     return (f"| {run_dir} | {ssim_of['recon_l1']} / {ssim_of['recon_texture']} | {kid('recon_l1')} | "
             f"{kid('recon_texture')} | {floor:.4f} | {blur} |")
+
+
+# ----------------------------------------------------------------------------- grain on the L1 reconstructions
+
+def _reconstructed(run_dir, split, seed=0):
+    """run_dir's best.pt, its `split` slices (N, 1, H, W) in [0, 1], their L1 reconstructions and the
+    floor's slices (as many random training slices: other patients where the data are split by patient)."""
+    run = open_run(run_dir)
+    size, data_dir = run.model.cfg.image_size, run.data_dir()
+    real = load_split(data_dir, split, size).images.float()
+    train_images = load_split(data_dir, "train", size).images.float()
+    recons = evaluate(run.model, real, torch.device("cpu"), 32, keep=True)["recons"]
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:len(real)]
+    return run, real, recons, train_images[pick]
+
+
+def _realism_of(sets, real):
+    """{name: (N, 1, H, W) in [0, 1]} (the floor among them) -> {name: {kid, kid_x_floor, fid, blur_ssim_1}}
+    against `real`."""
+    fids, kids = against_test(sets, real, torch.device("cpu"))
+    return {name: {"kid": kids[name][0], "kid_x_floor": kids[name][0] / kids["floor"][0], "fid": fids[name],
+                   "blur_ssim_1": blur_ssim_curve(x, (1,))[0]} for name, x in sets.items()}
+
+
+def grain_realism(run_dir, split="test", sigmas=(0.005, 0.01, 0.015), seed=0):
+    """KID and FID against `split` of run_dir's L1 reconstructions of it, as they are and with white
+    Gaussian noise of standard deviation s (of the [0, 1] range) added for each s in sigmas, beside the
+    floor -> _realism_of's dict with "noise S" sets. Choose s on the validation split, report it on test."""
+    _, real, recons, floor = _reconstructed(run_dir, split, seed)
+    g = torch.Generator().manual_seed(seed)
+    sets = {"floor": floor, "recon_l1": recons,
+            **{f"noise {s}": (recons + s * torch.randn(recons.shape, generator=g)).clamp(0, 1) for s in sigmas}}
+    return _realism_of(sets, real)
+
+
+class GrainHead(nn.Module):
+    """A texture head at full resolution on a frozen decoder's output, trained by texture_head:
+    x (B, 1, H, W) in [-1, 1] -> x + r, clamped to [-1, 1], with r from n ~ N(0, 1) per pixel and
+    four 3x3 convs: free (r = net(x, n), the last conv zero at the start) or, sigma_only, white noise
+    whose amplitude alone is learned from the decoded slice (r = softplus(net(x)) * n, about 0.01 of the
+    [0, 1] range at the start), which cannot draw a pattern. No transposed convolution follows the noise."""
+
+    def __init__(self, channels=32, sigma_only=False):
+        super().__init__()
+        self.sigma_only = sigma_only
+        self.net = nn.Sequential(nn.Conv2d(2, channels, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(channels, 1, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, -4.0 if sigma_only else 0.0)
+
+    def forward(self, x):
+        n = torch.randn_like(x)
+        if self.sigma_only:
+            return (x + F.softplus(self.net(torch.cat([x, torch.zeros_like(x)], 1))) * n).clamp(-1, 1)
+        return (x + self.net(torch.cat([x, n], 1))).clamp(-1, 1)
+
+
+def texture_head(run_dir, steps=1500, rec_weight=0.2, sigma_only=False, crop=64, lecam=0.3, seed=0):
+    """Train a GrainHead on run_dir's frozen L1 reconstructions of its training slices against a
+    conditional PatchGAN (pix2pix: the discriminator sees the slice beside the reconstruction it
+    belongs with; 32 channels, 3 layers, hinge loss), regularised for few patients by LeCam (Tseng et
+    al. 2021, weight `lecam`) and flips applied alike to both; random crop x crop windows at batch 8,
+    Adam 2e-4 (0.5, 0.9). Head loss: rec_weight * L1 to the slice + 0.1 * the generator's hinge term.
+    Then score the test reconstructions through it (_realism_of) -> (scores, head)."""
+    torch.manual_seed(seed)
+    run, _, _, _ = _reconstructed(run_dir, "validate", seed)
+    train_images = load_split(run.data_dir(), "train", run.model.cfg.image_size).images.float()
+    recons = evaluate(run.model, train_images, torch.device("cpu"), 32, keep=True)["recons"]
+    x_all, b_all = train_images * 2 - 1, recons * 2 - 1  # (N, 1, H, W) in [-1, 1]
+    head, disc = GrainHead(sigma_only=sigma_only), PatchDiscriminator(2, 32, 3)
+    opt_h = torch.optim.Adam(head.parameters(), 2e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), 2e-4, betas=(0.5, 0.9))
+    ema_real = ema_fake = 0.0  # LeCam's anchors: moving means of the two logits
+
+    def logits(x, fake, b):  # real and fake pairs (slice, its reconstruction) as one batch, flipped alike
+        pairs = torch.cat([torch.cat([x, b], 1), torch.cat([fake, b], 1)])  # (2B, 2, crop, crop)
+        return disc(pairs.flip(-1) if torch.rand(()) < 0.5 else pairs).chunk(2)
+
+    for step in range(steps):
+        idx = torch.randint(len(x_all), (8,))
+        i, j = (torch.randint(0, s - crop + 1, ()).item() for s in x_all.shape[-2:])
+        x, b = x_all[idx, :, i:i + crop, j:j + crop], b_all[idx, :, i:i + crop, j:j + crop]
+        fake = head(b)
+        disc.requires_grad_(False)
+        loss = rec_weight * (fake - x).abs().mean() - 0.1 * logits(x, fake, b)[1].mean()
+        opt_h.zero_grad()
+        loss.backward()
+        opt_h.step()
+        disc.requires_grad_(True)
+        real_l, fake_l = logits(x, fake.detach(), b)
+        ema_real = 0.99 * ema_real + 0.01 * real_l.mean().item()
+        ema_fake = 0.99 * ema_fake + 0.01 * fake_l.mean().item()
+        d_loss = hinge_d_loss(real_l, fake_l) + lecam * ((F.relu(real_l - ema_fake) ** 2).mean()
+                                                          + (F.relu(ema_real - fake_l) ** 2).mean())
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+    _, test, test_recons, floor = _reconstructed(run_dir, "test", seed)
+    with torch.no_grad():
+        textured = (head(test_recons * 2 - 1) + 1) / 2
+    return _realism_of({"floor": floor, "recon_l1": test_recons, "recon_head": textured}, test), head
 
 
 def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=None, **sampling):
