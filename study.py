@@ -39,7 +39,7 @@ from dataset import load_split, num_batches, recorded_data_dir, resolve_data_dir
 from figures import save_curves, save_image_grid
 from gan_stage import PatchDiscriminator, hinge_d_loss
 from files import load_checkpoint, save_checkpoint, write_csv, write_json, write_nifti_gz
-from metrics import against_test, air_summary, blur_ssim_curve, evaluate, evaluate_decoder
+from metrics import against_test, air_summary, blur_ssim_curve, evaluate, evaluate_decoder, ssim
 from modules import VQVAE
 from runs import load_gan_decoder, open_run
 from settings import settings_from
@@ -299,11 +299,12 @@ def _reconstructed(run_dir, split, seed=0):
 
 
 def _realism_of(sets, real):
-    """{name: (N, 1, H, W) in [0, 1]} (the floor among them) -> {name: {kid, kid_x_floor, fid, blur_ssim_1}}
-    against `real`."""
+    """{name: (N, 1, H, W) in [0, 1]} (the floor among them) -> {name: {kid, kid_x_floor, fid, blur_ssim_1,
+    ssim}} against `real` (N, 1, H, W), each set's slice i rendering real[i] (SSIM None for the floor)."""
     fids, kids = against_test(sets, real, torch.device("cpu"))
     return {name: {"kid": kids[name][0], "kid_x_floor": kids[name][0] / kids["floor"][0], "fid": fids[name],
-                   "blur_ssim_1": blur_ssim_curve(x, (1,))[0]} for name, x in sets.items()}
+                   "blur_ssim_1": blur_ssim_curve(x, (1,))[0],
+                   "ssim": None if name == "floor" else ssim(x, real).mean().item()} for name, x in sets.items()}
 
 
 def grain_realism(run_dir, split="test", sigmas=(0.005, 0.01, 0.015), seed=0):

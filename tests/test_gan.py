@@ -325,4 +325,6 @@ def test_study_grain_head_starts_as_its_input_and_grain_realism_scores_noisy_rec
     assert (a - x).std().item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(-4.0)).item(), rel=0.2)
     r = study.grain_realism(vq_run, "test", sigmas=(0.05,))
     assert set(r) == {"floor", "recon_l1", "noise 0.05"} and r["floor"]["kid_x_floor"] == 1
+    assert r["floor"]["ssim"] is None
+    assert r["noise 0.05"]["ssim"] < r["recon_l1"]["ssim"] <= 1
     assert r["noise 0.05"]["blur_ssim_1"] < r["recon_l1"]["blur_ssim_1"] and math.isfinite(r["noise 0.05"]["kid"])
