@@ -346,11 +346,11 @@ def texture_head(run_dir, steps=1500, rec_weight=0.2, sigma_only=False, crop=64,
     """Train a GrainHead on run_dir's frozen L1 reconstructions of its training slices against a
     conditional PatchGAN (pix2pix: the discriminator sees the slice beside the reconstruction it
     belongs with; 32 channels, 3 layers, hinge loss), regularised for few patients by LeCam (Tseng et
-    al. 2021, weight `lecam`) and flips applied alike to both; random crop x crop windows at batch 8,
-    Adam 2e-4 (0.5, 0.9). Head loss: rec_weight * L1 to the slice + 0.1 * the generator's hinge term.
-    Then score the test reconstructions through it (_realism_of) -> (scores, head)."""
+    al. 2021, one-sided as their code, weight `lecam`) and flips applied alike to both; random crop x crop
+    windows at batch 8, Adam 2e-4 (0.5, 0.9). Head loss: rec_weight * L1 to the slice + 0.1 * the
+    generator's hinge term. Then score the test reconstructions through it (_realism_of) -> (scores, head)."""
     torch.manual_seed(seed)
-    run, _, _, _ = _reconstructed(run_dir, "validate", seed)
+    run = open_run(run_dir)
     train_images = load_split(run.data_dir(), "train", run.model.cfg.image_size).images.float()
     recons = evaluate(run.model, train_images, torch.device("cpu"), 32, keep=True)["recons"]
     x_all, b_all = train_images * 2 - 1, recons * 2 - 1  # (N, 1, H, W) in [-1, 1]
@@ -386,6 +386,23 @@ def texture_head(run_dir, steps=1500, rec_weight=0.2, sigma_only=False, crop=64,
     with torch.no_grad():
         textured = (head(test_recons * 2 - 1) + 1) / 2
     return _realism_of({"floor": floor, "recon_l1": test_recons, "recon_head": textured}, test), head
+
+
+def grain_figure(run_dir, head, path, sigma=0.01, seed=0):
+    """Three test slices of run_dir (spread over its test patients) beside their L1 reconstructions, the
+    same with white noise of sd `sigma` (as grain_realism) and through `head` (a trained GrainHead), at
+    full resolution (at least one figure pixel per image pixel) -> path."""
+    _, test, recons, _ = _reconstructed(run_dir, "test", seed)
+    noisy = (recons + sigma * torch.randn(recons.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        textured = (head(recons * 2 - 1) + 1) / 2
+    pick = torch.linspace(0, len(test) - 1, 3).long()
+    shown = torch.stack([x[pick] for x in (test, recons, noisy, textured)], 1).flatten(0, 1)  # (12, 1, H, W)
+    save_image_grid(path, shown, f"test slices of patients never seen | L1 decoder | + white noise {sigma} | "
+                    f"{'sigma-only' if head.sigma_only else 'free'} texture head ({run_dir})", ncols=4,
+                    cell=max(test.shape[-2] / 100, 1.3))
+    return path
 
 
 def sample_kid(run_dir, seeds=(0, 1, 2), random_positions=False, num_samples=None, **sampling):

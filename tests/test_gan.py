@@ -311,11 +311,11 @@ def test_the_prior_has_its_own_cosine_schedule(vq_run, tmp_path):
     assert load(run_dir / "prior_last.pt")["optimizer"]["param_groups"][0]["lr"] == 2e-3
 
 
-def test_study_grain_head_starts_as_its_input_and_grain_realism_scores_noisy_reconstructions(vq_run):
+def test_study_grain_head_starts_as_its_input_and_grain_realism_scores_noisy_reconstructions(vq_run, tmp_path):
     """study.GrainHead: the free head is the identity at the start (its last conv is zero); the
     sigma-only head adds white noise of sd softplus(-4) (in [-1, 1] units), a fresh draw per call.
     study.grain_realism scores the L1 reconstructions with and without added noise beside the floor,
-    and the noise lowers their blur-SSIM (more grain)."""
+    and the noise lowers their blur-SSIM (more grain) and their SSIM; grain_figure draws them."""
     import study
     x = torch.rand(2, 1, 32, 16) * 1.6 - 0.8
     assert torch.equal(study.GrainHead()(x), x)
@@ -328,3 +328,4 @@ def test_study_grain_head_starts_as_its_input_and_grain_realism_scores_noisy_rec
     assert r["floor"]["ssim"] is None
     assert r["noise 0.05"]["ssim"] < r["recon_l1"]["ssim"] <= 1
     assert r["noise 0.05"]["blur_ssim_1"] < r["recon_l1"]["blur_ssim_1"] and math.isfinite(r["noise 0.05"]["kid"])
+    assert study.grain_figure(vq_run, sigma, tmp_path / "grain.png").is_file()
